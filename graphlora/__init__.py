@@ -1,5 +1,6 @@
 """graphlora: LoRA, QLoRA and quantization as compiler passes over torch.fx graphs."""
 
+from graphlora.adapters import LoraSpec
 from graphlora.errors import (
     AdapterError,
     CalibrationError,
@@ -15,5 +16,32 @@ from graphlora.errors import (
     RuleError,
     TraceError,
 )
+from graphlora.model import LoraModel, MatchedSite
+from graphlora.pipeline import transform
+from graphlora.rules import LoraRule, QuantRule
+from graphlora.trace import trace
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "CalibrationError",
+    "DistributedError",
+    "ExportError",
+    "FileFormatError",
+    "GraphloraError",
+    "GraphloraWarning",
+    "InputError",
+    "LoraModel",
+    "LoraRule",
+    "LoraSpec",
+    "MatchedSite",
+    "MissingDependencyError",
+    "PassError",
+    "QuantRule",
+    "QuantizationError",
+    "RuleError",
+    "TraceError",
+    "trace",
+    "transform",
+]

@@ -1,0 +1,109 @@
+"""Where LoRA weights live inside a transformed GraphModule, and how they are named.
+
+Every adapter's weights sit under one root attribute of the GraphModule, mirroring the module
+paths of the sites: ``graphlora_adapters.<adapter>.<module_path>.lora_A.weight`` (rank, in) and
+``...lora_B.weight`` (out, rank). Keeping them in their own tree (rather than beside the base
+weight) works for sites whose "module" is a bare parameter (``raw``) and lets several named
+adapters coexist. Users see PEFT's names, ``<module_path>.lora_A.weight``; the mapping is here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from graphlora.graph_utils import ensure_container
+
+ADAPTERS_ROOT = "graphlora_adapters"
+DEFAULT_ADAPTER = "default"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA hyper-parameters of one module path in one adapter."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "kaiming"
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def _path(adapter: str, module_path: str) -> str:
+    return ".".join(p for p in (ADAPTERS_ROOT, adapter, module_path) if p)
+
+
+def lora_param_name(adapter: str, module_path: str, which: str) -> str:
+    """Qualified attribute name of ``lora_A``/``lora_B`` weight in the GraphModule."""
+    if which not in ("lora_A", "lora_B"):
+        raise ValueError(which)
+    return f"{_path(adapter, module_path)}.{which}.weight"
+
+
+def peft_name(module_path: str, which: str) -> str:
+    """PEFT's user-facing name: ``<module_path>.lora_A.weight``."""
+    return f"{module_path}.{which}.weight" if module_path else f"{which}.weight"
+
+
+def create_lora_pair(
+    gm: nn.Module,
+    adapter: str,
+    module_path: str,
+    spec: LoraSpec,
+    in_features: int,
+    out_features: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> tuple[str, str]:
+    """Create (or keep, if present with the right shapes) the A/B weights of one module path."""
+    container = ensure_container(gm, _path(adapter, module_path))
+    a_name = lora_param_name(adapter, module_path, "lora_A")
+    b_name = lora_param_name(adapter, module_path, "lora_B")
+    existing = container._modules.get("lora_A")
+    if existing is not None and tuple(existing.weight.shape) == (spec.rank, in_features):
+        return a_name, b_name
+    lora_a = nn.Linear(in_features, spec.rank, bias=False, device=device, dtype=dtype)
+    lora_b = nn.Linear(spec.rank, out_features, bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        if spec.init == "gaussian":
+            # PEFT's "gaussian": std = 1/rank
+            nn.init.normal_(lora_a.weight, std=1.0 / spec.rank)
+        else:
+            # PEFT's default: kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))
+            nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(lora_b.weight)
+    container.add_module("lora_A", lora_a)
+    container.add_module("lora_B", lora_b)
+    return a_name, b_name
+
+
+def iter_lora_weights(gm: nn.Module, adapter: str) -> Iterator[tuple[str, str, nn.Parameter]]:
+    """(module_path, "lora_A"|"lora_B", parameter) for every pair of ``adapter``."""
+    root = gm._modules.get(ADAPTERS_ROOT)
+    if root is None or adapter not in root._modules:
+        return
+    base = root._modules[adapter]
+    for name, module in base.named_modules():
+        head, _, leaf = name.rpartition(".")
+        if leaf in ("lora_A", "lora_B") and isinstance(module, nn.Linear):
+            yield head, leaf, module.weight
+
+
+def adapter_names(gm: nn.Module) -> list[str]:
+    root = gm._modules.get(ADAPTERS_ROOT)
+    return list(root._modules) if root is not None else []
+
+
+def delete_adapter_weights(gm: nn.Module, adapter: str) -> None:
+    root = gm._modules.get(ADAPTERS_ROOT)
+    if root is not None:
+        root._modules.pop(adapter, None)

@@ -1,0 +1,184 @@
+"""Small FX helpers shared by passes: registering tensors, inserting nodes with shape metadata.
+
+Inserted nodes get ``node.meta["val"]`` computed on fake tensors from their inputs' metadata, so
+graph text, diffs and later passes see shapes for new nodes exactly as for traced ones. Graphs
+without fake metadata (a symbolic trace without example inputs) simply get no shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from graphlora import meta
+
+
+class Container(nn.Module):
+    """An empty module used to build dotted attribute paths (``adapters.default.q_proj``)."""
+
+
+def ensure_container(root: nn.Module, path: str) -> nn.Module:
+    """Return the submodule at dotted ``path``, creating empty containers along the way."""
+    module = root
+    if not path:
+        return module
+    for part in path.split("."):
+        child = module._modules.get(part)
+        if child is None:
+            if part in module._parameters or part in module._buffers:
+                raise ValueError(f"cannot create container {path!r}: {part!r} is a tensor")
+            child = Container()
+            module.add_module(part, child)
+        module = child
+    return module
+
+
+def set_tensor(root: nn.Module, qualname: str, tensor: torch.Tensor, *, parameter: bool) -> None:
+    """Register ``tensor`` at dotted ``qualname`` as a parameter or (persistent) buffer."""
+    head, _, leaf = qualname.rpartition(".")
+    owner = ensure_container(root, head)
+    owner._parameters.pop(leaf, None)
+    owner._buffers.pop(leaf, None)
+    if parameter:
+        if not isinstance(tensor, nn.Parameter):
+            tensor = nn.Parameter(tensor, requires_grad=tensor.requires_grad)
+        owner.register_parameter(leaf, tensor)
+    else:
+        owner.register_buffer(leaf, tensor)
+
+
+def get_tensor(root: nn.Module, qualname: str) -> torch.Tensor:
+    head, _, leaf = qualname.rpartition(".")
+    owner = root.get_submodule(head) if head else root
+    if leaf in owner._parameters:
+        return owner._parameters[leaf]
+    if leaf in owner._buffers:
+        return owner._buffers[leaf]
+    return getattr(owner, leaf)
+
+
+def delete_tensor(root: nn.Module, qualname: str) -> None:
+    head, _, leaf = qualname.rpartition(".")
+    owner = root.get_submodule(head) if head else root
+    owner._parameters.pop(leaf, None)
+    owner._buffers.pop(leaf, None)
+
+
+def fake_mode(gm: fx.GraphModule):
+    """The FakeTensorMode of the graph's shape metadata, or None."""
+    from torch._guards import detect_fake_mode
+
+    vals = [n.meta["val"] for n in gm.graph.nodes if "val" in n.meta]
+    try:
+        return detect_fake_mode(vals)
+    except Exception:
+        return None
+
+
+def propagate_val(node: fx.Node, mode) -> None:
+    """Compute ``node.meta["val"]`` from its inputs' values on fake tensors."""
+    if mode is None:
+        return
+    if node.op == "get_attr":
+        tensor = get_tensor(node.graph.owning_module, node.target)
+        with mode:
+            node.meta["val"] = mode.from_tensor(tensor, static_shapes=True)
+        return
+    if node.op != "call_function":
+        return
+
+    def val(a):
+        return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+    args = fx.node.map_aggregate(node.args, val)
+    kwargs = fx.node.map_aggregate(node.kwargs, val)
+    if any(
+        isinstance(a, fx.Node) and "val" not in a.meta for a in node.all_input_nodes
+    ):
+        return
+    try:
+        with mode:
+            node.meta["val"] = node.target(*args, **kwargs)
+    except Exception:
+        node.meta.pop("val", None)
+
+
+def insert_call(
+    graph: fx.Graph,
+    target: Callable,
+    args: tuple,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    role: str | None = None,
+    mode=None,
+    **fields: Any,
+) -> fx.Node:
+    """Create a ``call_function`` node at the current insertion point, tagged and shaped."""
+    node = graph.call_function(target, args, kwargs or {})
+    if role is not None:
+        meta.tag(node, role, **fields)
+    propagate_val(node, mode)
+    return node
+
+
+def insert_get_attr(graph: fx.Graph, qualname: str, *, role: str | None = None, mode=None, **fields: Any) -> fx.Node:
+    node = graph.get_attr(qualname)
+    if role is not None:
+        meta.tag(node, role, **fields)
+    propagate_val(node, mode)
+    return node
+
+
+def copy_stack(src: fx.Node, *dst: fx.Node) -> None:
+    """Give inserted nodes the module stack of the node they belong to (for diffs and ONNX names)."""
+    stack = src.meta.get("nn_module_stack")
+    if stack is None:
+        return
+    for d in dst:
+        d.meta["nn_module_stack"] = dict(stack)
+
+
+def evaluate(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """Compute the value of a node that depends only on module tensors (no graph inputs).
+
+    Used to read "the weight a site computes with" whatever chain of dequantize/transpose ops
+    produces it, without running the whole model.
+    """
+    cache: dict[fx.Node, Any] = {}
+
+    def run(n: fx.Node):
+        if n in cache:
+            return cache[n]
+        if n.op == "get_attr":
+            value = get_tensor(gm, n.target)
+        elif n.op == "call_function":
+            args = fx.node.map_arg(n.args, run)
+            kwargs = fx.node.map_arg(n.kwargs, run)
+            value = n.target(*args, **kwargs)
+        elif n.op == "call_method":
+            args = fx.node.map_arg(n.args, run)
+            kwargs = fx.node.map_arg(n.kwargs, run)
+            value = getattr(args[0], n.target)(*args[1:], **kwargs)
+        else:
+            raise ValueError(f"node {n.name} depends on graph input {n.name!r}; not a constant")
+        cache[n] = value
+        return value
+
+    with torch.no_grad():
+        return run(node)
+
+
+def remove_dead_nodes(gm: fx.GraphModule) -> int:
+    """Erase side-effect-free nodes whose results nobody uses (after rewiring a weight, say)."""
+    removed = 0
+    for node in reversed(list(gm.graph.nodes)):
+        if node.users or node.op not in ("get_attr", "call_function", "call_method"):
+            continue
+        if node.op != "get_attr" and node.is_impure():
+            continue
+        gm.graph.erase_node(node)
+        removed += 1
+    return removed

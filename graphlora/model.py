@@ -1,0 +1,320 @@
+"""``LoraModel``: the ``nn.Module`` users hold after :func:`graphlora.transform`.
+
+It owns the transformed GraphModule, the rules, and the LoRA hyper-parameters of every adapter.
+The graph always holds the branches of the *active* adapters only; switching or disabling
+adapters removes and re-inserts branches (a pair of graph passes), so what runs is exactly what
+:func:`graphlora.graph_text` shows. Only LoRA parameters require grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from graphlora import adapters as adapter_store
+from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec, peft_name
+from graphlora.errors import AdapterError, InputError
+from graphlora.passes.base import PassPipeline, PassRecord
+from graphlora.passes.insert_lora import InsertLoraPass, RemoveLoraPass
+from graphlora.passes.merge_lora import MergeLoraPass
+from graphlora.rules import QuantRule
+from graphlora.sites import tagged_sites
+from graphlora.training_mode import set_module_flags, set_training_flags
+
+
+@dataclass(frozen=True)
+class MatchedSite:
+    """A linear site a rule matched: where it is, its shape, and the rule that won."""
+
+    module_path: str
+    kind: str
+    in_features: int
+    out_features: int
+    weight_name: str
+    use_index: int
+    rule_index: int
+    rule: QuantRule
+    fan_in_fan_out: bool  # the parameter is stored (in, out), like transformers' Conv1D
+
+
+class LoraModel(nn.Module):
+    """A traced model with LoRA branches (and quantization) inserted by graph passes."""
+
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        *,
+        rules: Sequence[QuantRule],
+        adapters: Mapping[str, Mapping[str, LoraSpec]],
+        active_adapters: Sequence[str],
+        source: Mapping[str, Any] | None = None,
+        pass_log: list[PassRecord] | None = None,
+        training: bool = False,
+    ):
+        super().__init__()
+        self.graph_module = graph_module
+        self.rules = tuple(rules)
+        self._adapters: dict[str, dict[str, LoraSpec]] = {k: dict(v) for k, v in adapters.items()}
+        self._active: list[str] = list(active_adapters)
+        self.source: dict[str, Any] = dict(source or {})
+        self.pass_log: list[PassRecord] = list(pass_log or [])
+        self.train(training)
+
+    # ------------------------------------------------------------------ running
+
+    def forward(self, *args, **kwargs):
+        try:
+            return self.graph_module(*args, **kwargs)
+        except Exception as exc:
+            explained = _explain_input_error(exc)
+            if explained is exc:
+                raise
+            raise explained from exc
+
+    def train(self, mode: bool = True) -> "LoraModel":
+        """Switch dropout (base and LoRA) in the graph; exported graphs refuse ``train()``."""
+        set_module_flags(self, mode)
+        set_training_flags(self.graph_module, mode)
+        return self
+
+    # ------------------------------------------------------------------ sites and parameters
+
+    @property
+    def sites(self) -> list[MatchedSite]:
+        out = []
+        for site in tagged_sites(self.graph_module):
+            info = site.node.meta["graphlora"]
+            s = site.spec
+            out.append(
+                MatchedSite(
+                    module_path=s.module_path,
+                    kind=s.kind,
+                    in_features=s.in_features,
+                    out_features=s.out_features,
+                    weight_name=s.weight_name,
+                    use_index=s.use_index,
+                    rule_index=info["rule_index"],
+                    rule=info["rule"],
+                    fan_in_fan_out=s.param_layout == "in_out",
+                )
+            )
+        return out
+
+    def named_lora_parameters(self, adapter: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(<module_path>.lora_A.weight, parameter)`` pairs, PEFT's names, of one adapter."""
+        name = self._resolve_adapter(adapter)
+        for path, which, param in adapter_store.iter_lora_weights(self.graph_module, name):
+            yield peft_name(path, which), param
+
+    def lora_parameters(self, adapter: str | None = None) -> Iterator[nn.Parameter]:
+        for _, p in self.named_lora_parameters(adapter):
+            yield p
+
+    def lora_state_dict(self, adapter: str | None = None) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.named_lora_parameters(adapter)}
+
+    def load_lora_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], adapter: str | None = None, strict: bool = True
+    ) -> None:
+        """Copy LoRA weights in (PEFT names, with or without ``base_model.model.``)."""
+        name = self._resolve_adapter(adapter)
+        own = dict(self.named_lora_parameters(name))
+        given = {_strip_peft_prefix(k): v for k, v in state_dict.items()}
+        missing = sorted(set(own) - set(given))
+        unexpected = sorted(set(given) - set(own))
+        wrong = [
+            f"{k}: expected {tuple(own[k].shape)}, got {tuple(given[k].shape)}"
+            for k in sorted(set(own) & set(given))
+            if tuple(own[k].shape) != tuple(given[k].shape)
+        ]
+        problems = []
+        if wrong:
+            problems.append("shape mismatch: " + "; ".join(wrong[:5]))
+        if strict and missing:
+            problems.append("missing keys: " + ", ".join(missing[:5]))
+        if strict and unexpected:
+            problems.append("unexpected keys: " + ", ".join(unexpected[:5]))
+        if problems:
+            raise AdapterError(f"cannot load LoRA state dict into adapter {name!r}: " + " | ".join(problems))
+        with torch.no_grad():
+            for k, v in given.items():
+                if k in own:
+                    own[k].copy_(v.to(dtype=own[k].dtype, device=own[k].device))
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts; packed 4-bit storage counts two per byte."""
+        trainable = 0
+        total = 0
+        seen: set[int] = set()
+        for _, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        for name, b in self.graph_module.named_buffers():
+            if name.startswith("graphlora_quant") and name.endswith(".qdata"):
+                total += b.numel() * (2 if b.dtype == torch.uint8 else 1)
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        pct = 100 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
+
+    # ------------------------------------------------------------------ adapters
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active[0] if self._active else None
+
+    @property
+    def adapters(self) -> dict[str, dict[str, LoraSpec]]:
+        """Every adapter's LoRA hyper-parameters, by adapter name then module path."""
+        return {k: dict(v) for k, v in self._adapters.items()}
+
+    def add_adapter(self, name: str, specs: Mapping[str, LoraSpec], *, activate: bool = False) -> None:
+        """Create a new adapter (fresh LoRA weights) on the given module paths."""
+        if name in self._adapters:
+            raise AdapterError(f"adapter {name!r} already exists; delete it first or pick another name")
+        known = {s.module_path for s in tagged_sites(self.graph_module)}
+        unknown = sorted(set(specs) - known)
+        if unknown:
+            raise AdapterError(
+                f"adapter {name!r} targets module paths that are not matched linear sites of this "
+                f"model: {', '.join(unknown[:5])}"
+            )
+        self._adapters[name] = dict(specs)
+        # create the weights once, through the same pass that inserts branches
+        self._rebuild([name])
+        self._rebuild(self._active)
+        if activate:
+            self.set_adapter(name)
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Make ``names`` the active adapter(s); their LoRA weights become the trainable ones."""
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            if n not in self._adapters:
+                raise AdapterError(f"unknown adapter {n!r}; this model has {sorted(self._adapters)}")
+        self._active = names
+        self._rebuild(names)
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            raise AdapterError(f"unknown adapter {name!r}; this model has {sorted(self._adapters)}")
+        del self._adapters[name]
+        adapter_store.delete_adapter_weights(self.graph_module, name)
+        self._active = [a for a in self._active if a != name]
+        self._rebuild(self._active)
+
+    def disable_adapters(self) -> None:
+        """Run the base model only (no branch in the graph) until :meth:`set_adapter`."""
+        self._active = []
+        self._rebuild([])
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context manager, as in PEFT: the base model inside, the same adapters after."""
+        previous = list(self._active)
+        self.disable_adapters()
+        try:
+            yield self
+        finally:
+            self._active = previous
+            self._rebuild(previous)
+
+    def _rebuild(self, active: Sequence[str]) -> None:
+        passes = [RemoveLoraPass()] + [
+            InsertLoraPass(name, self._adapters[name], training=self.training) for name in active
+        ]
+        PassPipeline(passes)(self.graph_module)
+        for p in self.graph_module.parameters():
+            p.requires_grad_(False)
+        for name in active:
+            for p in self.lora_parameters(name):
+                p.requires_grad_(True)
+
+    def _resolve_adapter(self, adapter: str | None) -> str:
+        if adapter is None:
+            if self._active:
+                return self._active[0]
+            if DEFAULT_ADAPTER in self._adapters:
+                return DEFAULT_ADAPTER
+            if self._adapters:
+                return next(iter(self._adapters))
+            raise AdapterError("this model has no LoRA adapter")
+        if adapter not in self._adapters:
+            raise AdapterError(f"unknown adapter {adapter!r}; this model has {sorted(self._adapters)}")
+        return adapter
+
+    # ------------------------------------------------------------------ merging
+
+    def merge(self) -> fx.GraphModule:
+        """A plain module computing ``W + scale * B @ A`` for the active adapters, no branches.
+
+        The LoraModel itself is unchanged; unchanged weights are shared, not copied. A quantized
+        base is dequantized into the merged float weight.
+        """
+        gm = share_storage_copy(self.graph_module)
+        MergeLoraPass({a: self._adapters[a] for a in self._active})(gm)
+        gm.graph.lint()
+        gm.recompile()
+        set_training_flags(gm, self.training)
+        for p in gm.parameters():
+            p.requires_grad_(False)
+        return gm
+
+    def merge_and_unload(self) -> fx.GraphModule:
+        """PEFT's name for :meth:`merge`."""
+        return self.merge()
+
+    def __repr__(self) -> str:
+        n_sites = len(self.sites)
+        return (
+            f"LoraModel(source={self.source.get('model_class', '?')}, sites={n_sites}, "
+            f"adapters={sorted(self._adapters)}, active={self._active})"
+        )
+
+
+def share_storage_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """Copy a GraphModule (graph and module tree) while sharing every tensor with the original."""
+    memo: dict[int, Any] = {}
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        memo[id(t)] = t
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation notice
+        return copy.deepcopy(gm, memo)
+
+
+def _strip_peft_prefix(key: str) -> str:
+    return key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+
+
+def _explain_input_error(exc: Exception) -> Exception:
+    """Turn torch.export's input-guard failures into an InputError saying what to do."""
+    text = str(exc)
+    markers = ("Expected input", "to be equal to", "guard", "in_spec", "Trying to flatten user inputs")
+    if isinstance(exc, (AssertionError, RuntimeError, ValueError, TypeError)) and any(
+        m in text for m in markers
+    ):
+        return InputError(
+            "the inputs do not fit the traced graph "
+            f"({text.splitlines()[0] if text else type(exc).__name__}). The graph was traced with "
+            "the example inputs given to transform(): call it with the same arguments (names and "
+            "structure), and shapes within the traced dynamic ranges (dimensions of size 0/1 in "
+            "the example are specialised; trace with sizes >= 2)."
+        )
+    return exc

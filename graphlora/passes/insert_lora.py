@@ -1,0 +1,119 @@
+"""Insert (and remove) LoRA branches: ``y = base(x) + B(A(dropout(x))) * scale``.
+
+The branch reads the site's own input and adds to the site's own output, so it is correct for
+every spelling :mod:`graphlora.sites` recognises (a ``Conv1D`` ``addmm`` on a 2-D view, a
+``matmul`` against a transposed parameter, ...). A weight used at several places gets one LoRA
+pair applied at each use, like PEFT's module-level adapters. A use that reads the parameter in the
+opposite orientation of its first use sees the transposed delta, computed as
+``(x @ B) @ A`` so the pair keeps PEFT's shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.fx as fx
+
+from graphlora import meta
+from graphlora.adapters import LoraSpec, create_lora_pair
+from graphlora.graph_utils import copy_stack, fake_mode, insert_call, insert_get_attr
+from graphlora.passes.base import GraphPass, PassResult
+from graphlora.sites import LinearSite, tagged_sites
+
+aten = torch.ops.aten
+
+
+def param_features(site: LinearSite) -> tuple[int, int]:
+    """(in, out) of the parameter in its stored orientation, which fixes the LoRA shapes."""
+    s = site.spec
+    if s.use_layout == s.param_layout:
+        return s.in_features, s.out_features
+    return s.out_features, s.in_features
+
+
+@dataclass
+class InsertLoraPass(GraphPass):
+    """Add one adapter's branches to the sites named in ``specs`` (module path -> LoraSpec)."""
+
+    adapter: str
+    specs: Mapping[str, LoraSpec]
+    training: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"InsertLoraPass[{self.adapter}]"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        mode = fake_mode(gm)
+        modified = False
+        for site in tagged_sites(gm):
+            spec = self.specs.get(site.module_path)
+            if spec is None:
+                continue
+            _insert_branch(gm, site, self.adapter, spec, self.training, mode)
+            modified = True
+        return PassResult(gm, modified)
+
+
+def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training: bool, mode) -> None:
+    graph = gm.graph
+    in_f, out_f = param_features(site)
+    dtype = getattr(torch, site.spec.weight_dtype)
+    a_name, b_name = create_lora_pair(
+        gm, adapter, site.module_path, spec, in_f, out_f, dtype=dtype, device=site.spec.weight_device
+    )
+    path = site.module_path
+    tags = dict(module_path=path, adapter=adapter)
+    out = site.output
+    # Insert after the last node the branch depends on, right after the site's output.
+    with graph.inserting_after(out):
+        a_w = insert_get_attr(graph, a_name, role="weight", mode=mode, tensor="lora_A", **tags)
+    with graph.inserting_after(a_w):
+        b_w = insert_get_attr(graph, b_name, role="weight", mode=mode, tensor="lora_B", **tags)
+    cursor = b_w
+    x = site.input
+    new_nodes = [a_w, b_w]
+
+    def emit(target, args, role):
+        nonlocal cursor
+        with graph.inserting_after(cursor):
+            node = insert_call(graph, target, args, role=role, mode=mode, **tags)
+        new_nodes.append(node)
+        cursor = node
+        return node
+
+    if spec.dropout > 0:
+        x = emit(aten.dropout.default, (x, float(spec.dropout), training), "lora_dropout")
+    if site.spec.use_layout == site.spec.param_layout:
+        h = emit(aten.linear.default, (x, a_w), "lora_a")
+        h = emit(aten.linear.default, (h, b_w), "lora_b")
+    else:  # the transposed delta: x @ (B A)
+        h = emit(aten.matmul.default, (x, b_w), "lora_b")
+        h = emit(aten.matmul.default, (h, a_w), "lora_a")
+    h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale")
+    total = emit(aten.add.Tensor, (out, h), "lora_add")
+    copy_stack(out, *new_nodes)
+    out.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+
+
+class RemoveLoraPass(GraphPass):
+    """Take every LoRA branch out of the graph (used to switch or disable adapters)."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        modified = False
+        for node in reversed(list(graph.nodes)):
+            if meta.role(node) == "lora_add":
+                base_out = node.args[0]
+                node.replace_all_uses_with(base_out)
+                modified = True
+        if not modified:
+            return PassResult(gm, False)
+        # Everything a branch owns carries its adapter name (weights, LoRA ops, and any
+        # observers or fake-quant a quantization pass put on the branch).
+        for node in reversed(list(graph.nodes)):
+            if meta.info(node).get("adapter") is not None and not node.users:
+                graph.erase_node(node)
+        return PassResult(gm, True)

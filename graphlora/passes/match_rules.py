@@ -1,0 +1,71 @@
+"""Match rules to linear sites and tag each matched site's node.
+
+This pass is where op spellings are recognised (through :mod:`graphlora.sites`); it writes the
+normalised :class:`~graphlora.sites.SiteSpec` and the winning rule into the node metadata, so the
+passes after it only read tags. Checks that need the model (a rank larger than the layer it is
+applied to) happen here, naming the rule and the site.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch.fx as fx
+
+from graphlora import meta
+from graphlora.errors import GraphloraWarning, RuleError
+from graphlora.passes.base import GraphPass, PassResult
+from graphlora.rules import QuantRule, RuleMatch, first_match, rule_name
+from graphlora.sites import LinearSite, find_linear_sites
+
+
+@dataclass
+class MatchRulesPass(GraphPass):
+    rules: Sequence[QuantRule]
+    strict: bool = False
+    matched: list[tuple[LinearSite, RuleMatch]] = field(default_factory=list)
+    unmatched: list[LinearSite] = field(default_factory=list)
+    unused_rules: list[int] = field(default_factory=list)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        self.matched, self.unmatched = [], []
+        used: set[int] = set()
+        for site in find_linear_sites(gm):
+            match = first_match(site.module_path, self.rules)
+            if match is None:
+                self.unmatched.append(site)
+                continue
+            used.add(match.index)
+            _check_rank(match, site)
+            meta.tag(
+                site.node,
+                "base",
+                module_path=site.module_path,
+                site=site.spec,
+                rule=match.rule,
+                rule_index=match.index,
+            )
+            self.matched.append((site, match))
+        self.unused_rules = [i for i in range(len(self.rules)) if i not in used]
+        if self.unused_rules:
+            names = "; ".join(rule_name(i, self.rules[i]) for i in self.unused_rules)
+            message = f"{len(self.unused_rules)} rule(s) matched no linear site: {names}"
+            if self.strict:
+                raise RuleError(message + " (strict=True)")
+            warnings.warn(message, GraphloraWarning, stacklevel=4)
+        return PassResult(gm, bool(self.matched))
+
+
+def _check_rank(match: RuleMatch, site: LinearSite) -> None:
+    rule = match.rule
+    if not rule.has_lora:
+        return
+    limit = min(site.spec.in_features, site.spec.out_features)
+    if rule.rank > limit:
+        raise RuleError(
+            f"{rule_name(match.index, rule)}: rank {rule.rank} is larger than the matched site "
+            f"{site.module_path!r} allows (in={site.spec.in_features}, "
+            f"out={site.spec.out_features}, so rank <= {limit})"
+        )

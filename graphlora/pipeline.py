@@ -1,0 +1,125 @@
+"""``graphlora.transform``: trace, match rules, quantize, insert LoRA — one pipeline of passes."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch.fx as fx
+import torch.nn as nn
+
+from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec
+from graphlora.errors import TraceError
+from graphlora.model import LoraModel
+from graphlora.passes.base import GraphPass, PassPipeline
+from graphlora.passes.insert_lora import InsertLoraPass
+from graphlora.passes.match_rules import MatchRulesPass
+from graphlora.rules import LoraRule, QuantRule, normalize_rules
+from graphlora.sites import tagged_sites
+from graphlora.trace import TraceMethod, trace
+
+
+def lora_specs_from_rules(gm: fx.GraphModule) -> dict[str, LoraSpec]:
+    """Module path -> LoraSpec for every tagged site whose winning rule is a LoraRule."""
+    specs: dict[str, LoraSpec] = {}
+    for site in tagged_sites(gm):
+        rule = site.rule
+        if isinstance(rule, LoraRule):
+            specs[site.module_path] = LoraSpec(
+                rank=rule.rank,
+                alpha=rule.lora_alpha,
+                dropout=float(rule.dropout),
+                use_rslora=rule.use_rslora,
+                init=rule.init,
+            )
+    return specs
+
+
+class _InsertRuleLoraPass(InsertLoraPass):
+    """InsertLoraPass whose specs come from the rules tagged by MatchRulesPass."""
+
+    def call(self, gm):
+        self.specs = lora_specs_from_rules(gm)
+        return super().call(gm)
+
+
+def build_passes(rules: list[QuantRule], *, strict: bool, adapter: str) -> list[GraphPass]:
+    """The default pass list; the quantization passes slot in around the LoRA insertion."""
+    from graphlora.passes import quant_passes
+
+    return [
+        MatchRulesPass(rules, strict=strict),
+        *quant_passes.before_lora(rules),
+        _InsertRuleLoraPass(adapter, {}),
+        *quant_passes.after_lora(rules),
+    ]
+
+
+def transform(
+    model: nn.Module,
+    rules: int | QuantRule | Iterable[QuantRule],
+    example_args: tuple = (),
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    method: TraceMethod = "export",
+    strict: bool = False,
+    record: bool = False,
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> LoraModel:
+    """Trace ``model``, apply ``rules`` and return a trainable :class:`LoraModel`.
+
+    ``rules`` is a list of :class:`LoraRule`/:class:`QuantRule` (first match wins), one rule, or
+    an int rank: the one-line toggle applying LoRA of that rank (alpha = rank) to the attention
+    query and value projections. The original model is not modified. With ``record=True`` the
+    returned model's ``pass_log`` holds each pass's graph diff.
+    """
+    rules = normalize_rules(rules)
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"transform() needs a torch.nn.Module, got {type(model).__name__}")
+    gm = trace(model, example_args, example_kwargs, method=method)
+    pipeline = PassPipeline(build_passes(rules, strict=strict, adapter=adapter_name), record=record)
+    gm = pipeline(gm)
+    specs = lora_specs_from_rules(gm)
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    lora_model = LoraModel(
+        gm,
+        rules=rules,
+        adapters={adapter_name: specs} if specs else {},
+        active_adapters=[adapter_name] if specs else [],
+        source=_source_info(model, method),
+        pass_log=pipeline.log,
+        training=model.training,
+    )
+    for p in lora_model.lora_parameters() if specs else ():
+        p.requires_grad_(True)
+    return lora_model
+
+
+def _source_info(model: nn.Module, method: str) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    info: dict[str, Any] = {
+        "model_class": type(model).__name__,
+        "model_module": type(model).__module__,
+        "trace_method": method,
+    }
+    if config is not None and hasattr(config, "to_dict"):
+        info["config"] = config
+        info["name_or_path"] = getattr(config, "_name_or_path", None) or None
+        info["task_type"] = _task_type(type(model).__name__)
+    return info
+
+
+def _task_type(class_name: str) -> str | None:
+    for suffix, task in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+        ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ):
+        if class_name.endswith(suffix):
+            return task
+    if class_name.endswith("Model"):
+        return "FEATURE_EXTRACTION"
+    return None

@@ -1,0 +1,196 @@
+"""Rules say which linear sites get LoRA and/or quantization, with Qwix's semantics.
+
+A rule's ``module_path`` is a regular expression matched with ``re.fullmatch`` against a site's
+module path; rules are scanned in order and the first match wins; sites no rule matches are left
+untouched; rules that match nothing are reported (a warning, or an error with ``strict=True``).
+Rules are frozen dataclasses so they can be hashed, compared, stored in node metadata and
+written to files unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable, Sequence
+
+from graphlora.errors import RuleError
+
+# The one-line toggle (Kithara's ``lora_rank=16``): attention query and value projections.
+DEFAULT_TARGETS = r"(.*\.)?(q_proj|v_proj|query|value|c_attn)"
+
+WEIGHT_CALIBRATIONS = ("absmax", "minmax", "mse", "gptq")
+ACT_CALIBRATIONS = ("minmax", "percentile", "mse")
+LORA_INITS = ("kaiming", "gaussian")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantRule:
+    """Quantization of matched sites, without LoRA.
+
+    ``weight_qtype`` quantizes the base weight (stored packed for 4-bit types, dequantized on the
+    fly); ``group_size`` blocks the scales along the input dimension (``None``: one scale per
+    output channel). ``act_qtype`` puts observers, then fake-quant, on the site's input
+    activation. ``lora_weight_qtype`` / ``lora_act_qtype`` quantize the LoRA branch of a site
+    (its A/B weights and the activation between them) when a LoRA rule also covers it.
+    """
+
+    module_path: str = field(default=".*", kw_only=False)
+    weight_qtype: str | None = None
+    group_size: int | None = None
+    weight_symmetric: bool = True
+    weight_calibration: str = "absmax"
+    double_quant: bool = False
+    act_qtype: str | None = None
+    act_symmetric: bool = False
+    act_calibration: str = "minmax"
+    act_percentile: float = 99.99
+    lora_weight_qtype: str | None = None
+    lora_act_qtype: str | None = None
+
+    @property
+    def has_lora(self) -> bool:
+        return False
+
+    def describe(self) -> str:
+        """Short, stable description used in messages and graph text."""
+        parts = [f"module_path={self.module_path!r}"]
+        for f in fields(self):
+            if f.name == "module_path":
+                continue
+            value = getattr(self, f.name)
+            if value != f.default:
+                parts.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraRule(QuantRule):
+    """LoRA on matched sites (plus optional QLoRA base quantization through the inherited fields).
+
+    ``alpha`` defaults to ``rank`` (scale 1). ``scale = alpha / rank``, or ``alpha / sqrt(rank)``
+    with ``use_rslora``. ``init="kaiming"`` is PEFT's default (A kaiming-uniform, a=sqrt(5));
+    ``init="gaussian"`` draws A from N(0, 1/rank). B starts at zero either way, so a freshly
+    transformed model computes exactly what the original did.
+    """
+
+    rank: int
+    alpha: float | None = None
+    dropout: float = 0.0
+    init: str = "kaiming"
+    use_rslora: bool = False
+
+    @property
+    def has_lora(self) -> bool:
+        return True
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def scale(self) -> float:
+        denom = math.sqrt(self.rank) if self.use_rslora else self.rank
+        return self.lora_alpha / denom
+
+
+Rule = QuantRule  # LoraRule is a QuantRule
+
+
+def default_rules(rank: int) -> list[LoraRule]:
+    """The one-line toggle ``transform(model, 16)``: LoRA on query/value projections, alpha=rank."""
+    return [LoraRule(DEFAULT_TARGETS, rank=rank, alpha=float(rank))]
+
+
+def rule_name(index: int, rule: QuantRule) -> str:
+    return f"rule #{index} {rule.describe()}"
+
+
+def normalize_rules(rules: int | QuantRule | Iterable[QuantRule]) -> list[QuantRule]:
+    """Accept an int (the toggle), one rule or a sequence of rules; validate each."""
+    if isinstance(rules, bool):
+        raise RuleError(f"rules must be an int rank, a rule or a list of rules, got {rules!r}")
+    if isinstance(rules, int):
+        if rules < 1:
+            raise RuleError(f"the LoRA rank toggle must be >= 1, got {rules}")
+        rules = default_rules(rules)
+    elif isinstance(rules, QuantRule):
+        rules = [rules]
+    else:
+        try:
+            rules = list(rules)
+        except TypeError:
+            raise RuleError(
+                f"rules must be an int rank, a rule or a list of rules, got {type(rules).__name__}"
+            ) from None
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, QuantRule):
+            raise RuleError(f"rule #{i} is a {type(rule).__name__}, not a LoraRule or QuantRule")
+        validate_rule(i, rule)
+    return rules
+
+
+def validate_rule(index: int, rule: QuantRule) -> None:
+    """Checks that need no model: types, ranges, regex, qtypes, method names."""
+    where = rule_name(index, rule)
+    if not isinstance(rule.module_path, str):
+        raise RuleError(f"{where}: module_path must be a string regex")
+    try:
+        re.compile(rule.module_path)
+    except re.error as exc:
+        raise RuleError(f"{where}: module_path is not a valid regular expression: {exc}") from None
+    _check_qtype(where, "weight_qtype", rule.weight_qtype, "weight")
+    _check_qtype(where, "act_qtype", rule.act_qtype, "activation")
+    _check_qtype(where, "lora_weight_qtype", rule.lora_weight_qtype, "weight")
+    _check_qtype(where, "lora_act_qtype", rule.lora_act_qtype, "activation")
+    if rule.group_size is not None and (not isinstance(rule.group_size, int) or rule.group_size < 1):
+        raise RuleError(f"{where}: group_size must be a positive int or None, got {rule.group_size!r}")
+    if rule.weight_calibration not in WEIGHT_CALIBRATIONS:
+        raise RuleError(
+            f"{where}: weight_calibration must be one of {WEIGHT_CALIBRATIONS}, "
+            f"got {rule.weight_calibration!r}"
+        )
+    if rule.act_calibration not in ACT_CALIBRATIONS:
+        raise RuleError(
+            f"{where}: act_calibration must be one of {ACT_CALIBRATIONS}, got {rule.act_calibration!r}"
+        )
+    if not (0.0 < rule.act_percentile <= 100.0):
+        raise RuleError(f"{where}: act_percentile must be in (0, 100], got {rule.act_percentile!r}")
+    if isinstance(rule, LoraRule):
+        if not isinstance(rule.rank, int) or isinstance(rule.rank, bool) or rule.rank < 1:
+            raise RuleError(f"{where}: rank must be an int >= 1, got {rule.rank!r}")
+        if rule.alpha is not None and not (isinstance(rule.alpha, (int, float)) and rule.alpha > 0):
+            raise RuleError(f"{where}: alpha must be > 0, got {rule.alpha!r}")
+        if not (isinstance(rule.dropout, (int, float)) and 0.0 <= rule.dropout < 1.0):
+            raise RuleError(f"{where}: dropout must be in [0, 1), got {rule.dropout!r}")
+        if rule.init not in LORA_INITS:
+            raise RuleError(f"{where}: init must be one of {LORA_INITS}, got {rule.init!r}")
+
+
+def _check_qtype(where: str, field_name: str, qtype: str | None, usage: str) -> None:
+    if qtype is None:
+        return
+    from graphlora.quant.qtypes import check_qtype
+
+    try:
+        check_qtype(qtype, usage)
+    except Exception as exc:
+        raise RuleError(f"{where}: {field_name}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    """The rule a module path matched: its index in the rule list and the rule itself."""
+
+    index: int
+    rule: QuantRule
+
+
+def first_match(module_path: str, rules: Sequence[QuantRule]) -> RuleMatch | None:
+    for i, rule in enumerate(rules):
+        if re.fullmatch(rule.module_path, module_path):
+            return RuleMatch(i, rule)
+    return None

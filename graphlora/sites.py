@@ -1,0 +1,368 @@
+"""Linear sites: one normalised view of "a linear layer in the graph".
+
+A linear layer reaches a traced graph in many spellings: ``aten.linear`` (``nn.Linear``,
+``F.linear``), ``addmm``/``mm`` against an ``(in, out)`` weight (transformers ``Conv1D``),
+``matmul`` of an activation against a parameter or its transpose (``x @ self.weight.T``), and in
+``symbolic_trace`` graphs ``call_module`` Linear and the torch-level functions. This module is the
+only place that knows those spellings. It recognises them once and writes a :class:`SiteSpec`
+into the node's metadata; every later pass reads the spec and never looks at op targets again.
+
+Weight layout is tracked at two levels. ``param_layout`` is the orientation of the parameter as
+stored (``out_in`` like ``nn.Linear``, ``in_out`` like ``Conv1D``; decided by its first use and
+what PEFT calls ``fan_in_fan_out``); ``use_layout`` is how one particular use reads it. They differ
+only for a parameter used in both orientations, which the LoRA pass handles by transposing the
+delta at that use.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+from typing import Iterator, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from graphlora import meta
+
+aten = torch.ops.aten
+Layout = Literal["out_in", "in_out"]
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Where the pieces of one linear site are, independent of how the op was spelled."""
+
+    kind: str  # linear | addmm | mm | matmul
+    module_path: str
+    weight_name: str  # qualified name of the parameter read by this site
+    input_index: int  # position of the activation in node.args
+    weight_index: int  # position of the weight (or its transpose) in node.args
+    bias_index: int | None
+    use_layout: Layout
+    param_layout: Layout
+    weight_transposed: bool  # the op reads a transpose of the parameter
+    in_features: int
+    out_features: int
+    use_index: int  # 0 for the first use of this module path, 1 for the second, ...
+    weight_dtype: str
+    weight_device: str
+
+    @property
+    def key(self) -> str:
+        """Unique per use: ``module_path`` alone for the first use, ``module_path#n`` after."""
+        return self.module_path if self.use_index == 0 else f"{self.module_path}#{self.use_index}"
+
+
+@dataclass
+class LinearSite:
+    """A recognised linear node plus its spec; the runtime view passes work with."""
+
+    node: fx.Node
+    spec: SiteSpec
+
+    @property
+    def module_path(self) -> str:
+        return self.spec.module_path
+
+    @property
+    def input(self) -> fx.Node:
+        return self.node.args[self.spec.input_index]
+
+    @property
+    def weight_input(self) -> fx.Node:
+        """The node fed to the op as weight (the parameter read, its transpose, or a dequant)."""
+        return self.node.args[self.spec.weight_index]
+
+    @property
+    def output(self) -> fx.Node:
+        return self.node
+
+    def replace_weight_input(self, new: fx.Node) -> None:
+        """Feed ``new`` exactly as the op reads its weight, leaving other uses alone."""
+        args = list(self.node.args)
+        args[self.spec.weight_index] = new
+        self.node.args = tuple(args)
+
+    def feed_param(self, new: fx.Node) -> fx.Node:
+        """Feed ``new``, a value in the *parameter's stored layout*, as this site's weight.
+
+        Inserts the transpose this use applied to the original parameter, so weight passes never
+        need to know whether the op was ``linear``, ``addmm`` or ``x @ W.T``. Returns the node
+        now at the op's weight position.
+        """
+        fed = new
+        if self.spec.weight_transposed:
+            graph = self.node.graph
+            with graph.inserting_before(self.node):
+                fed = graph.call_function(torch.ops.aten.t.default, (new,))
+            meta.tag(fed, "weight", module_path=self.module_path, tensor=self.spec.weight_name)
+            if "val" in new.meta:
+                fed.meta["val"] = new.meta["val"].t()
+        self.replace_weight_input(fed)
+        return fed
+
+    def param_value(self) -> torch.Tensor:
+        """The weight this site currently computes with, in the parameter's stored layout.
+
+        Evaluates whatever feeds the op's weight (a parameter read, a dequantize, ...), so it
+        also works after quantization passes replaced the weight.
+        """
+        from graphlora.graph_utils import evaluate
+
+        value = evaluate(self.node.graph.owning_module, self.weight_input)
+        return value.t() if self.spec.weight_transposed else value
+
+    @property
+    def rule(self):
+        return meta.info(self.node).get("rule")
+
+
+# --------------------------------------------------------------------------- recognition
+
+_LINEAR = {aten.linear.default, F.linear, torch._C._nn.linear}
+_ADDMM = {aten.addmm.default, torch.addmm}
+_MM = {aten.mm.default, torch.mm}
+_MATMUL = {aten.matmul.default, torch.matmul, operator.matmul}
+
+
+_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.mT.default, torch.t}
+
+
+def _call_kind(node: fx.Node) -> str | None:
+    if node.op == "call_function":
+        if node.target in _LINEAR:
+            return "linear"
+        if node.target in _ADDMM:
+            return "addmm"
+        if node.target in _MM:
+            return "mm"
+        if node.target in _MATMUL:
+            return "matmul"
+    if node.op == "call_method" and node.target in ("matmul", "mm", "__matmul__"):
+        return "matmul" if node.target != "mm" else "mm"
+    return None
+
+
+def _is_2d_transpose(node: fx.Node) -> bool:
+    """True when ``node`` swaps the two dims of a 2-D tensor, in any spelling."""
+    if node.op == "call_function":
+        t = node.target
+        if t in _TRANSPOSES:
+            return True
+        if t in (aten.transpose.int, torch.transpose):
+            dims = {d % 2 for d in node.args[1:3] if isinstance(d, int)}
+            return dims == {0, 1}
+        if t in (aten.permute.default, torch.permute):
+            return list(node.args[1]) in ([1, 0], [-1, -2])
+        if t is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT"):
+            return True
+    if node.op == "call_method":
+        if node.target == "t":
+            return True
+        if node.target == "transpose" and len(node.args) == 3:
+            return {d % 2 for d in node.args[1:3] if isinstance(d, int)} == {0, 1}
+        if node.target == "permute":
+            dims = node.args[1:] if len(node.args) > 2 else node.args[1]
+            return list(dims) in ([1, 0], [-1, -2])
+    return False
+
+
+def _resolve_parameter(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Parameter] | None:
+    if node.op != "get_attr":
+        return None
+    try:
+        value = gm.get_parameter(node.target)
+    except AttributeError:
+        return None
+    if value.dim() != 2:
+        return None
+    return node.target, value
+
+
+def _weight_operand(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Parameter, bool] | None:
+    """(param name, param, transposed) if ``node`` is a 2-D parameter or its transpose."""
+    found = _resolve_parameter(gm, node)
+    if found:
+        return found[0], found[1], False
+    if isinstance(node, fx.Node) and _is_2d_transpose(node) and isinstance(node.args[0], fx.Node):
+        found = _resolve_parameter(gm, node.args[0])
+        if found:
+            return found[0], found[1], True
+    return None
+
+
+def _is_activation(gm: fx.GraphModule, node) -> bool:
+    return isinstance(node, fx.Node) and _weight_operand(gm, node) is None
+
+
+def _scalar_one(value) -> bool:
+    return value is None or value == 1
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node):
+    """(kind, input_index, weight_index, bias_index, use_layout, name, param, transposed)."""
+    kind = _call_kind(node)
+    if kind is None:
+        return None
+    args = node.args
+    if kind == "linear":
+        if len(args) < 2 or not _is_activation(gm, args[0]):
+            return None
+        w = _weight_operand(gm, args[1])
+        bias_index = 2 if len(args) > 2 and args[2] is not None else None
+        if bias_index is None and node.kwargs.get("bias") is not None:
+            return None  # bias passed as kwarg: rare, not normalised
+        if w is None:
+            return None
+        name, param, transposed = w
+        return kind, 0, 1, bias_index, ("in_out" if transposed else "out_in"), name, param, transposed
+    if kind == "addmm":
+        if len(args) != 3 or not _scalar_one(node.kwargs.get("beta")) or not _scalar_one(node.kwargs.get("alpha")):
+            return None
+        if not _is_activation(gm, args[1]):
+            return None
+        w = _weight_operand(gm, args[2])
+        if w is None:
+            return None
+        name, param, transposed = w
+        return kind, 1, 2, 0, ("out_in" if transposed else "in_out"), name, param, transposed
+    # mm / matmul: activation @ weight
+    if len(args) != 2 or not _is_activation(gm, args[0]):
+        return None
+    w = _weight_operand(gm, args[1])
+    if w is None:
+        return None
+    name, param, transposed = w
+    return kind, 0, 1, None, ("out_in" if transposed else "in_out"), name, param, transposed
+
+
+def _owner_path(gm: fx.GraphModule, weight_name: str, node: fx.Node, aliases: dict[int, list[str]]) -> str:
+    """The module path a site is known by: the module owning its weight.
+
+    ``F.linear(x, self.inp.weight)`` in a parent's forward is site ``inp``; a bare parameter
+    ``self.raw`` is site ``raw``. For tied weights (one tensor, several names) the name whose
+    owner is the module the op runs in wins, so ``lm_head`` stays ``lm_head``.
+    """
+
+    def path_of(name: str) -> str:
+        head, _, leaf = name.rpartition(".")
+        return head if leaf == "weight" else name
+
+    param = gm.get_parameter(weight_name)
+    candidates = [path_of(n) for n in aliases.get(id(param), [weight_name])]
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        innermost = _normalise_stack_path(list(stack.values())[-1][0])
+        if innermost in candidates:
+            return innermost
+    return path_of(weight_name)
+
+
+def _normalise_stack_path(path: str) -> str:
+    # torch.export writes plain module paths; older tracers wrote "L__self___a_b" style names
+    if path.startswith("L__self__"):
+        path = path[len("L__self__"):].lstrip("_").replace("_", ".")
+    return path
+
+
+def find_linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
+    """Recognise every linear site of ``gm`` (graph order). Nothing is written to the graph."""
+    aliases: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    param_layouts: dict[int, Layout] = {}
+    uses: dict[str, int] = {}
+    sites: list[LinearSite] = []
+    for node in gm.graph.nodes:
+        if meta.role(node) is not None and meta.role(node) != "base":
+            continue  # nodes graphlora inserted are never sites themselves
+        desc = _describe(gm, node)
+        if desc is None:
+            continue
+        kind, xi, wi, bi, use_layout, name, param, transposed = desc
+        param_layout = param_layouts.setdefault(id(param), use_layout)
+        rows, cols = param.shape
+        out_f, in_f = (rows, cols) if use_layout == "out_in" else (cols, rows)
+        path = _owner_path(gm, name, node, aliases)
+        use_index = uses.get(path, 0)
+        uses[path] = use_index + 1
+        spec = SiteSpec(
+            kind=kind,
+            module_path=path,
+            weight_name=name,
+            input_index=xi,
+            weight_index=wi,
+            bias_index=bi,
+            use_layout=use_layout,
+            param_layout=param_layout,
+            weight_transposed=transposed,
+            in_features=in_f,
+            out_features=out_f,
+            use_index=use_index,
+            weight_dtype=str(param.dtype).replace("torch.", ""),
+            weight_device=str(param.device),
+        )
+        sites.append(LinearSite(node, spec))
+    return sites
+
+
+def tagged_sites(gm: fx.GraphModule) -> list[LinearSite]:
+    """The sites a previous pass tagged (``role == "base"``), whatever their weight now is."""
+    return [
+        LinearSite(n, meta.info(n)["site"])
+        for n in gm.graph.nodes
+        if meta.role(n) == "base" and "site" in meta.info(n)
+    ]
+
+
+def iter_site_groups(sites: list[LinearSite]) -> Iterator[tuple[str, list[LinearSite]]]:
+    """Sites grouped by module path (a weight used at several places is one group)."""
+    groups: dict[str, list[LinearSite]] = {}
+    for s in sites:
+        groups.setdefault(s.module_path, []).append(s)
+    yield from groups.items()
+
+
+def retag(site: LinearSite, **changes) -> None:
+    """Update a site's spec in node meta (e.g. after the weight changed dtype)."""
+    spec = replace(site.spec, **changes)
+    meta.tag(site.node, "base", site=spec)
+    site.spec = spec
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def functionalize_linear_modules(gm: fx.GraphModule) -> bool:
+    """Rewrite ``call_module`` nodes on ``nn.Linear`` into ``F.linear`` on ``get_attr`` reads.
+
+    ``symbolic_trace`` keeps ``nn.Linear`` as opaque module calls; after this every linear layer
+    is a function call whose weight is a graph value, which is what the weight passes rewrite.
+    """
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if type(module) is not nn.Linear:
+            continue
+        with gm.graph.inserting_before(node):
+            w = gm.graph.get_attr(f"{node.target}.weight")
+            b = gm.graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+            new = gm.graph.call_function(F.linear, (node.args[0], w, b))
+        stack = dict(node.meta.get("nn_module_stack", {}))
+        stack.setdefault(node.target, (node.target, type(module)))
+        for n in (w, b, new):
+            if n is not None:
+                n.meta["nn_module_stack"] = stack
+        new.meta.update({k: v for k, v in node.meta.items() if k != "nn_module_stack"})
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed

@@ -1,0 +1,239 @@
+"""Trace an ``nn.Module`` into a ``torch.fx.GraphModule`` that graphlora passes can rewrite.
+
+``torch.export`` (non-strict) is the default because it traces Hugging Face transformers models
+that ``torch.fx.symbolic_trace`` cannot; the graph it gives is ATen-level, carries fake-tensor
+shapes in ``node.meta["val"]`` and module paths in ``node.meta["nn_module_stack"]``.
+
+Two properties every caller relies on:
+
+* The original model is never mutated. The traced module gets *new* ``nn.Parameter`` objects that
+  share storage with the original (no copy, so an 8B model does not double in memory), frozen.
+  Passes replace tensors, they never write into them in place.
+* Batch and sequence dimensions stay dynamic by default, so a model traced with a 2 x 8 example
+  runs on any batch the user trains with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import warnings
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from graphlora.errors import InputError, TraceError
+
+TraceMethod = Literal["export", "symbolic"]
+
+
+def trace(
+    model: nn.Module,
+    example_args: tuple = (),
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    method: TraceMethod = "export",
+    dynamic: bool = True,
+) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule with frozen parameters sharing the model's storage.
+
+    ``method="export"`` needs example inputs (they may live on the ``meta`` device together with
+    the model). ``method="symbolic"`` uses ``torch.fx.symbolic_trace`` and needs none; its linear
+    modules are rewritten to ``F.linear`` calls so every pass sees one spelling of a module call.
+    With ``dynamic=True`` every tensor dimension of the example inputs is traced as dynamic where
+    the model allows it; a model that refuses is traced with static shapes and a warning.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"trace() needs a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_args, tuple):
+        example_args = (example_args,)
+    example_kwargs = dict(example_kwargs or {})
+    if method == "export":
+        gm = _trace_export(model, example_args, example_kwargs, dynamic)
+    elif method == "symbolic":
+        gm = _trace_symbolic(model, example_args, example_kwargs)
+    else:
+        raise TraceError(f"unknown trace method {method!r}; use 'export' or 'symbolic'")
+    gm.meta["graphlora_trace"] = {
+        "method": method,
+        "model_class": type(model).__module__ + "." + type(model).__qualname__,
+    }
+    return gm
+
+
+# --------------------------------------------------------------------------- torch.export
+
+
+def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+    if not args and not kwargs:
+        raise TraceError(
+            f"tracing {type(model).__name__} with torch.export needs example inputs: pass "
+            "example_args=(...) or example_kwargs={...}, or use method='symbolic'"
+        )
+    _check_inputs_fit_signature(model, args, kwargs)
+    exported = None
+    errors: list[str] = []
+    with _eval_mode(model):
+        attempts = [True, False] if dynamic else [False]
+        for use_dynamic in attempts:
+            shapes = _auto_dynamic_shapes(model, args, kwargs) if use_dynamic else None
+            try:
+                exported = torch.export.export(
+                    model, args, kwargs, dynamic_shapes=shapes, strict=False
+                )
+                break
+            except Exception as exc:  # torch raises many unrelated types here
+                errors.append(f"{type(exc).__name__}: {_first_line(exc)}")
+                if not use_dynamic:
+                    raise TraceError(_export_failure_message(model, errors)) from exc
+    if dynamic and len(errors) == 1:
+        warnings.warn(
+            f"{type(model).__name__} could not be traced with dynamic shapes ({errors[0]}); "
+            "traced with static shapes, so inputs must have the example's shapes",
+            stacklevel=3,
+        )
+    gm = exported.module()
+    _freeze_parameters(gm)
+    gm.meta["graphlora_dynamic"] = dynamic and len(errors) == 0
+    return gm
+
+
+def _check_inputs_fit_signature(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # builtins without a signature: let export decide
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InputError(
+            f"example inputs do not fit {type(model).__name__}.forward{sig}: {exc}"
+        ) from None
+
+
+def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
+    """``Dim.AUTO`` for every dimension of every tensor input, keyed by parameter name."""
+    from torch.export import Dim
+
+    def spec(value):
+        if isinstance(value, torch.Tensor):
+            return {i: Dim.AUTO for i in range(value.dim())} if value.dim() else None
+        if isinstance(value, (list, tuple)):
+            return type(value)(spec(v) for v in value)
+        if isinstance(value, dict):
+            return {k: spec(v) for k, v in value.items()}
+        return None
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    shapes = {}
+    for name, value in bound.arguments.items():
+        shapes[name] = spec(value)
+    return shapes
+
+
+def _export_failure_message(model: nn.Module, errors: list[str]) -> str:
+    name = type(model).__name__
+    hints = ["check that the example inputs are what forward() expects"]
+    if hasattr(model, "config") and getattr(model.config, "use_cache", False):
+        hints.insert(0, "pass use_cache=False in example_kwargs (decoder models)")
+    hints.append("or try method='symbolic' (torch.fx.symbolic_trace)")
+    return (
+        f"torch.export could not trace {name}: {errors[-1]}. Suggestions: " + "; ".join(hints)
+    )
+
+
+# --------------------------------------------------------------------------- symbolic_trace
+
+
+def _trace_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    clone = _structural_copy(model)
+    clone.eval()
+    try:
+        gm = fx.symbolic_trace(clone)
+    except Exception as exc:
+        raise TraceError(
+            f"torch.fx.symbolic_trace could not trace {type(model).__name__}: "
+            f"{type(exc).__name__}: {_first_line(exc)}. Suggestion: use method='export' with "
+            "example inputs (it handles data-dependent Python control flow and transformers models)"
+        ) from exc
+    gm.train(model.training)
+    _freeze_parameters(gm)
+    from graphlora.sites import functionalize_linear_modules
+
+    functionalize_linear_modules(gm)
+    if args or kwargs:
+        _propagate_example_shapes(gm, args, kwargs)
+    return gm
+
+
+def _structural_copy(model: nn.Module) -> nn.Module:
+    """Deep-copy the module tree while sharing (not copying) parameter and buffer storage."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters(recurse=True):
+        memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
+    for b in model.buffers(recurse=True):
+        memo[id(b)] = b.detach()
+    return copy.deepcopy(model, memo)
+
+
+def _propagate_example_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """Record fake-tensor shapes in ``node.meta["val"]`` so symbolic graphs print shapes too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    flat = list(args) + [kwargs[n.target] for n in placeholders[len(args):] if n.target in kwargs]
+    if len(flat) != len(placeholders):
+        return
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        fake_inputs = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in flat]
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+    except Exception as exc:
+        raise InputError(
+            f"example inputs do not fit the symbolically traced {gm.__class__.__name__}: "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _freeze_parameters(gm: nn.Module) -> None:
+    """Give ``gm`` its own frozen Parameter objects (shared storage), keeping ties intact."""
+    replacement: dict[int, nn.Parameter] = {}
+    for module in gm.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            new = replacement.get(id(param))
+            if new is None:
+                new = nn.Parameter(param.detach(), requires_grad=False)
+                replacement[id(param)] = new
+            module._parameters[name] = new
+        for name, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[name] = buf.detach()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Trace in eval mode; graphlora switches dropout per graph node afterwards (see model.py)."""
+    states = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in states:
+            m.training = training
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
