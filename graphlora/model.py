@@ -260,6 +260,59 @@ class LoraModel(nn.Module):
             raise AdapterError(f"unknown adapter {adapter!r}; this model has {sorted(self._adapters)}")
         return adapter
 
+    # ------------------------------------------------------------------ base weights
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base model's tensors under the original model's state-dict keys.
+
+        Weights a quantization pass replaced are evaluated through their dequantize nodes, so
+        the result has the float weights the base computes with (on the quantization grid).
+        """
+        gm = self.graph_module
+        state = {
+            k: v
+            for k, v in gm.state_dict().items()
+            if not k.startswith("graphlora_")
+        }
+        for site in tagged_sites(gm):
+            name = site.spec.weight_name
+            if name not in state:
+                state[name] = site.param_value().detach()
+        order = gm.meta.get("graphlora_state_keys")
+        if order:
+            state = {k: state[k] for k in order if k in state} | {
+                k: v for k, v in state.items() if k not in set(order)
+            }
+        return state
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(
+        self,
+        save_directory,
+        *,
+        only_save_adapters: bool = False,
+        save_adapters_separately: bool = True,
+        max_shard_size: int | str = "5GB",
+        **options: Any,
+    ):
+        """Save in the formats people already load (see :mod:`graphlora.io.lora_io`).
+
+        ``only_save_adapters=True``: a PEFT adapter directory. Otherwise with
+        ``save_adapters_separately=True``: base weights (``model.safetensors``, original keys) plus
+        the adapter files; with ``save_adapters_separately=False``: one merged model.
+        """
+        from graphlora.io.lora_io import save_pretrained
+
+        return save_pretrained(
+            self,
+            save_directory,
+            only_save_adapters=only_save_adapters,
+            save_adapters_separately=save_adapters_separately,
+            max_shard_size=max_shard_size,
+            **options,
+        )
+
     # ------------------------------------------------------------------ merging
 
     def merge(self) -> fx.GraphModule:

@@ -97,6 +97,7 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
         )
     gm = exported.module()
     _freeze_parameters(gm)
+    gm.meta["graphlora_state_keys"] = list(model.state_dict().keys())
     gm.meta["graphlora_dynamic"] = dynamic and len(errors) == 0
     return gm
 
@@ -164,6 +165,7 @@ def _trace_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
         ) from exc
     gm.train(model.training)
     _freeze_parameters(gm)
+    gm.meta["graphlora_state_keys"] = list(model.state_dict().keys())
     from graphlora.sites import functionalize_linear_modules
 
     functionalize_linear_modules(gm)

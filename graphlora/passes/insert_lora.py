@@ -1,4 +1,4 @@
-"""Insert (and remove) LoRA branches: ``y = base(x) + B(A(dropout(x))) * scale``.
+"""Insert (and remove) LoRA branches: ``y = base(x) + B(scale * A(dropout(x)))``.
 
 The branch reads the site's own input and adds to the site's own output, so it is correct for
 every spelling :mod:`graphlora.sites` recognises (a ``Conv1D`` ``addmm`` on a 2-D view, a
@@ -86,13 +86,17 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
 
     if spec.dropout > 0:
         x = emit(aten.dropout.default, (x, float(spec.dropout), training), "lora_dropout")
+    # The scale multiplies the rank-r intermediate rather than the (.., out) result: the same
+    # function as PEFT's ``B(A(x)) * scale`` up to float rounding, at r/out of the cost (in
+    # backward too).
     if site.spec.use_layout == site.spec.param_layout:
         h = emit(aten.linear.default, (x, a_w), "lora_a")
+        h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale")
         h = emit(aten.linear.default, (h, b_w), "lora_b")
     else:  # the transposed delta: x @ (B A)
         h = emit(aten.matmul.default, (x, b_w), "lora_b")
+        h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale")
         h = emit(aten.matmul.default, (h, a_w), "lora_a")
-    h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale")
     total = emit(aten.add.Tensor, (out, h), "lora_add")
     copy_stack(out, *new_nodes)
     out.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
