@@ -23,6 +23,17 @@ from graphlora.trace import trace
 
 __version__ = "0.1.0"
 
+
+def load_adapter(model, adapter_dir, **kwargs):
+    """Load a PEFT LoRA adapter directory into a LoraModel (or transform a plain model with it).
+
+    See :func:`graphlora.io.lora_io.load_adapter` for the options.
+    """
+    from graphlora.io.lora_io import load_adapter as _load_adapter
+
+    return _load_adapter(model, adapter_dir, **kwargs)
+
+
 __all__ = [
     "AdapterError",
     "CalibrationError",
@@ -42,6 +53,7 @@ __all__ = [
     "QuantizationError",
     "RuleError",
     "TraceError",
+    "load_adapter",
     "trace",
     "transform",
 ]
