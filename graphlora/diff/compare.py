@@ -1,0 +1,348 @@
+"""Parsing graph texts back into node records and diffing two of them by canonical node id."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphlora.diff._common import DTYPE_LONG, INSERTED_ROLES, REF, ROLE_LABELS, path_of
+from graphlora.diff.files import graph_text
+from graphlora.meta import ROLES
+
+
+@dataclass(slots=True)
+class _Record:
+    id: str
+    line: str
+    body: str
+    op: str
+    target: str
+    type: str
+    refs: list[str]
+    masked: str
+    info: dict[str, str]
+
+    @property
+    def module_path(self) -> str:
+        return path_of(self.id)
+
+    @property
+    def role(self) -> str | None:
+        return self.info.get("role")
+
+
+def _parse_line(line: str) -> _Record | None:
+    s = line.strip()
+    if not s or s.startswith("#"):
+        return None
+    if " = " not in s:
+        return _Record(s, s, s, "?", "", "", [], s, {})
+    ident, rest = s.split(" = ", 1)
+    body = rest
+    info: dict[str, str] = {}
+    if "  # " in rest:
+        rest, comment = rest.rsplit("  # ", 1)
+        for token in comment.split():
+            key, sep, value = token.partition("=")
+            if sep:
+                info[key] = value
+    typ = ""
+    if " :: " in rest:
+        rest, typ = rest.rsplit(" :: ", 1)
+    m = re.match(r"([^\s(\[]+)\s*([^\s(]*)", rest)
+    op, target = (m.group(1), m.group(2)) if m else (rest, "")
+    refs = REF.findall(rest)
+    masked = REF.sub("%", body)
+    return _Record(ident, s, body, op, target, typ, refs, masked, info)
+
+
+def _parse(text: str) -> list[_Record]:
+    records = []
+    seen: set[str] = set()
+    for line in text.splitlines():
+        rec = _parse_line(line)
+        if rec is None:
+            continue
+        if rec.id in seen:  # tolerate hand-edited files with repeated ids
+            k = 1
+            while f"{rec.id}~{k}" in seen:
+                k += 1
+            rec.id = f"{rec.id}~{k}"
+        seen.add(rec.id)
+        records.append(rec)
+    return records
+
+
+def _label(rec: _Record) -> str:
+    """Short human label of a node for the grouped summary: role for inserted nodes, else op."""
+    role = rec.role
+    if role in INSERTED_ROLES:
+        return ROLE_LABELS.get(role, role)
+    local = rec.id.rsplit("::", 1)[-1]
+    local = local.rsplit("/", 1)[-1]
+    if rec.op in ("placeholder", "input"):
+        return f"input {local}"
+    if rec.op in ("get_attr", "initializer"):
+        return local
+    key = local.split("#", 1)[0].split("@", 1)[0]
+    return key
+
+
+def _dtype_of(type_text: str) -> str:
+    """Long dtype name of the first tensor in a type string (``param f32[4,8]`` -> ``float32``)."""
+    m = re.search(r"([a-z][a-z0-9_]*)\[", type_text)
+    if not m:
+        return "?"
+    return DTYPE_LONG.get(m.group(1), m.group(1))
+
+
+# --------------------------------------------------------------------------------------------------
+# the diff
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeChange:
+    """One node that was added, removed or changed between two graphs.
+
+    ``rewired`` is True for a changed node whose only difference is that an input now refers to a
+    node that was added (or no longer to one that was removed): a consequence of an insertion
+    elsewhere, reported under the module path(s) in ``caused_by`` rather than the node's own.
+    """
+
+    kind: str  # "added" | "removed" | "changed"
+    id: str
+    module_path: str
+    label: str
+    role: str | None
+    before: str | None
+    after: str | None
+    rewired: bool = False
+    caused_by: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        if self.kind == "added":
+            return f"+ {self.after}"
+        if self.kind == "removed":
+            return f"- {self.before}"
+        return f"- {self.before}\n+ {self.after}"
+
+
+@dataclass
+class GraphDiff:
+    """Node-level differences between two graph texts, aligned by canonical node id."""
+
+    before_text: str
+    after_text: str
+    added: list[NodeChange] = field(default_factory=list)
+    removed: list[NodeChange] = field(default_factory=list)
+    changed: list[NodeChange] = field(default_factory=list)
+    context: int = 3
+    labels: tuple[str, str] = ("before", "after")
+    _before: list[_Record] = field(default_factory=list, repr=False)
+    _after: list[_Record] = field(default_factory=list, repr=False)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed) or self.before_text != self.after_text
+
+    # --- grouping -----------------------------------------------------------------------------------
+
+    def by_module_path(self) -> dict[str, list[NodeChange]]:
+        """Changes grouped by module path ("" is the root), in graph order. Rewired nodes are listed
+        under the module paths that caused them."""
+        order: dict[str, int] = {}
+        for rec in self._after + self._before:
+            order.setdefault(rec.module_path, len(order))
+        groups: dict[str, list[NodeChange]] = {}
+        for change in self.added + self.removed + self.changed:
+            paths = change.caused_by if change.rewired else (change.module_path,)
+            for path in paths:
+                order.setdefault(path, len(order))
+                groups.setdefault(path, []).append(change)
+        return {path: groups[path] for path in sorted(groups, key=order.__getitem__)}
+
+    def _quant_items(self, changes: list[NodeChange], hidden: set[str]) -> list[str]:
+        before_by_target = {r.target: r for r in self._before if r.op in ("get_attr", "initializer") and r.target}
+        after_by_id = {r.id: r for r in self._after}
+        items: list[str] = []
+        for change in changes:
+            if change.role != "dequant" or change.kind == "removed":
+                continue
+            rec = after_by_id.get(change.id)
+            if rec is None:
+                continue
+            tensor = rec.info.get("tensor")
+            qtype = rec.info.get("qtype")
+            if not qtype:
+                continue
+            # the dequant and the tensors it reads (packed weight, scales) are summed up by one item
+            hidden.add(change.id)
+            for ref in rec.refs:
+                src_rec = after_by_id.get(ref)
+                if src_rec is not None and src_rec.op in ("get_attr", "initializer"):
+                    hidden.add(ref)
+            old = before_by_target.get(tensor) if tensor else None
+            if old is not None:
+                hidden.add(old.id)
+            src = _dtype_of(old.type) if old is not None else _dtype_of(rec.type)
+            block = rec.info.get("block_size")
+            axis = rec.info.get("axis")
+            if block not in (None, "None", "0"):
+                gran = f"[g{block}]"
+            elif axis not in (None, "None"):
+                gran = f"[axis{axis}]"
+            else:
+                gran = ""
+            name = tensor or "weight"
+            path = rec.module_path
+            if path and name.startswith(path + "."):
+                name = name[len(path) + 1 :]
+            item = f"{name} {src} -> {qtype}{gran}"
+            if item not in items:
+                items.append(item)
+        return items
+
+    def grouped(self) -> list[str]:
+        """One line per module path: ``path: +lora_A +lora_B ~linear; weight float32 -> int4[g32]``."""
+        lines = []
+        for path, changes in self.by_module_path().items():
+            hidden: set[str] = set()
+            quant = self._quant_items(changes, hidden)
+            tokens: list[str] = []
+            rewired = 0
+            for kind, sign in (("added", "+"), ("removed", "-"), ("changed", "~")):
+                for change in changes:
+                    if change.kind != kind or change.id in hidden:
+                        continue
+                    if change.rewired:
+                        rewired += 1
+                        continue
+                    tokens.append(f"{sign}{change.label}")
+            parts = []
+            if tokens:
+                parts.append(" ".join(_count_runs(tokens)))
+            parts.extend(quant)
+            if rewired:
+                parts.append(f"{rewired} user{'s' if rewired != 1 else ''} rewired")
+            lines.append(f"{path or '<root>'}: " + "; ".join(parts))
+        return lines
+
+    @property
+    def summary(self) -> str:
+        """One line: ``+148 nodes (lora_a 37, ...), -0 nodes, ~37 changed (37 rewired)``."""
+        if not self:
+            return "no differences"
+        rewired = sum(1 for c in self.changed if c.rewired)
+        changed = f"~{len(self.changed)} changed"
+        if rewired:
+            changed += f" ({rewired} rewired)"
+        added = f"+{len(self.added)} nodes{_role_counts(self.added)}"
+        removed = f"-{len(self.removed)} nodes{_role_counts(self.removed)}"
+        return f"{added}, {removed}, {changed}"
+
+    def unified(self, context: int | None = None) -> str:
+        """Unified diff (difflib) of the two canonical texts."""
+        n = self.context if context is None else context
+        lines = difflib.unified_diff(
+            self.before_text.splitlines(), self.after_text.splitlines(), *self.labels, lineterm="", n=n
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        if not self:
+            return "no differences"
+        out = [self.summary]
+        out.extend(f"  {line}" for line in self.grouped())
+        unified = self.unified()
+        if unified:
+            out.append("")
+            out.append(unified)
+        return "\n".join(out)
+
+
+def _count_runs(tokens: list[str]) -> list[str]:
+    counts: dict[str, int] = {}
+    for t in tokens:
+        counts[t] = counts.get(t, 0) + 1
+    return [t if n == 1 else f"{t} x{n}" for t, n in counts.items()]
+
+
+def _role_counts(changes: list[NodeChange]) -> str:
+    if not changes:
+        return ""
+    counts: dict[str, int] = {}
+    for c in changes:
+        key = c.role or "other"
+        counts[key] = counts.get(key, 0) + 1
+    rank = {role: i for i, role in enumerate(ROLES)}
+    ordered = sorted(counts.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))
+    return " (" + ", ".join(f"{k} {n}" for k, n in ordered) + ")"
+
+
+def _base_ref(ref: str, ids: set[str] | dict) -> str:
+    if ref in ids:
+        return ref
+    m = re.match(r"(.*):\d+$", ref)
+    return m.group(1) if m else ref
+
+
+def diff(
+    before: Any, after: Any, *, context: int = 3, labels: tuple[str, str] = ("before", "after")
+) -> GraphDiff:
+    """Structural diff of two graphs, aligned by canonical node id.
+
+    ``before``/``after`` may be anything :func:`graph_text` accepts -- including two graph texts,
+    which is how the transform pipeline records a diff per pass cheaply. ``bool(result)`` tells
+    whether they differ; ``str(result)`` is a grouped summary followed by a unified diff whose
+    file headers are ``labels``.
+    """
+    before_text = graph_text(before)
+    after_text = graph_text(after)
+    b = _parse(before_text)
+    a = _parse(after_text)
+    bmap = {r.id: r for r in b}
+    amap = {r.id: r for r in a}
+    added_ids = {r.id for r in a if r.id not in bmap}
+    removed_ids = {r.id for r in b if r.id not in amap}
+    result = GraphDiff(before_text, after_text, context=context, labels=tuple(labels), _before=b, _after=a)
+    for r in a:
+        if r.id in added_ids:
+            result.added.append(NodeChange("added", r.id, r.module_path, _label(r), r.role, None, r.line))
+    for r in b:
+        if r.id in removed_ids:
+            result.removed.append(NodeChange("removed", r.id, r.module_path, _label(r), r.role, r.line, None))
+    for r in a:
+        old = bmap.get(r.id)
+        if old is None or old.body == r.body:
+            continue
+        rewired, causes = False, []
+        if old.masked == r.masked and len(old.refs) == len(r.refs):
+            rewired = True
+            for o, n in zip(old.refs, r.refs):
+                if o == n:
+                    continue
+                nb, ob = _base_ref(n, amap), _base_ref(o, bmap)
+                if nb in added_ids:
+                    causes.append(amap[nb].module_path)
+                elif ob in removed_ids:
+                    causes.append(bmap[ob].module_path)
+                else:
+                    rewired = False
+                    break
+        causes = list(dict.fromkeys(causes))
+        result.changed.append(
+            NodeChange(
+                "changed",
+                r.id,
+                r.module_path,
+                _label(r),
+                r.role or old.role,
+                old.line,
+                r.line,
+                rewired=rewired and bool(causes),
+                caused_by=tuple(causes) if rewired else (),
+            )
+        )
+    return result
