@@ -177,8 +177,16 @@ def attr_owner(target: str) -> str:
 
 
 def attr_local(target: str, path: str) -> str:
-    if path and target.startswith(path + "."):
+    """The part of an attribute name that is local to its module path: ``q_proj.weight`` -> ``weight``;
+    a tree mirroring module paths keeps its root (``adapters.default.q_proj.lora_A.weight`` ->
+    ``adapters.default.lora_A.weight``) so ids stay unique per adapter without repeating the path."""
+    if not path:
+        return target
+    if target.startswith(path + "."):
         return target[len(path) + 1 :]
+    inner = f".{path}."
+    if inner in target:
+        return target.replace(inner, ".", 1)
     return target
 
 

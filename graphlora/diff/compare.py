@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from graphlora.diff._common import DTYPE_LONG, INSERTED_ROLES, REF, ROLE_LABELS, path_of
+from graphlora.diff._common import DTYPE_LONG, INSERTED_ROLES, LORA_CONTAINERS, REF, ROLE_LABELS, path_of
 from graphlora.diff.files import graph_text
 from graphlora.meta import ROLES
 
@@ -85,6 +85,10 @@ def _label(rec: _Record) -> str:
     if rec.op in ("placeholder", "input"):
         return f"input {local}"
     if rec.op in ("get_attr", "initializer"):
+        parts = local.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part in LORA_CONTAINERS:  # adapters.default.lora_A.weight -> lora_A.weight
+                return ".".join(parts[i:])
         return local
     key = local.split("#", 1)[0].split("@", 1)[0]
     return key
@@ -130,7 +134,7 @@ class NodeChange:
         return f"- {self.before}\n+ {self.after}"
 
 
-@dataclass
+@dataclass(repr=False)
 class GraphDiff:
     """Node-level differences between two graph texts, aligned by canonical node id."""
 
@@ -143,9 +147,13 @@ class GraphDiff:
     labels: tuple[str, str] = ("before", "after")
     _before: list[_Record] = field(default_factory=list, repr=False)
     _after: list[_Record] = field(default_factory=list, repr=False)
+    _index: tuple[dict[str, _Record], dict[str, _Record]] | None = field(default=None, repr=False, compare=False)
 
     def __bool__(self) -> bool:
         return bool(self.added or self.removed or self.changed) or self.before_text != self.after_text
+
+    def __repr__(self) -> str:
+        return f"<GraphDiff {self.summary}>"
 
     # --- grouping -----------------------------------------------------------------------------------
 
@@ -163,9 +171,15 @@ class GraphDiff:
                 groups.setdefault(path, []).append(change)
         return {path: groups[path] for path in sorted(groups, key=order.__getitem__)}
 
+    def _indexes(self) -> tuple[dict[str, _Record], dict[str, _Record]]:
+        """(tensors of the old graph by attribute name, records of the new graph by id), built once."""
+        if self._index is None:
+            tensors = {r.target: r for r in self._before if r.op in ("get_attr", "initializer") and r.target}
+            self._index = (tensors, {r.id: r for r in self._after})
+        return self._index
+
     def _quant_items(self, changes: list[NodeChange], hidden: set[str]) -> list[str]:
-        before_by_target = {r.target: r for r in self._before if r.op in ("get_attr", "initializer") and r.target}
-        after_by_id = {r.id: r for r in self._after}
+        before_by_target, after_by_id = self._indexes()
         items: list[str] = []
         for change in changes:
             if change.role != "dequant" or change.kind == "removed":
