@@ -249,6 +249,25 @@ def test_diff_of_recorded_texts_matches_diff_of_graphs():
     assert list(from_texts.by_module_path()) == ["fc1"]
 
 
+def test_removing_a_node_does_not_report_its_later_siblings_as_changed():
+    # occurrence indices shift when a node of the same kind goes away in the same module path;
+    # the diff aligns such groups by content, so only the removal (and its rewired user) shows
+    def chain(constants):
+        graph = torch.fx.Graph()
+        h = graph.placeholder("x")
+        for c in constants:
+            h = graph.call_function(torch.add, (h, c))
+            h.meta["nn_module_stack"] = {"blk": ("blk", nn.Module)}
+        graph.output(h)
+        return torch.fx.GraphModule(nn.Module(), graph)
+
+    d = diff(chain([1, 2, 3, 4]), chain([1, 3, 4]))
+    assert [c.before for c in d.removed] == ["blk/add#1 = call_function torch.add(%blk/add#0, 2)"]
+    assert not d.added
+    assert [(c.id, c.rewired, c.caused_by) for c in d.changed] == [("blk/add#1", True, ("blk",))]
+    assert d.grouped() == ["blk: -add; 1 user rewired"]
+
+
 def test_quantized_weight_is_summarised_with_its_qtype():
     before = export_llama()
     after = quantize_weight(_lora_llama({Q0: 4}), Q0, block_size=32)

@@ -23,6 +23,7 @@ class _Record:
     refs: list[str]
     masked: str
     info: dict[str, str]
+    order: int = 0  # position in its text
 
     @property
     def module_path(self) -> str:
@@ -71,6 +72,7 @@ def _parse(text: str) -> list[_Record]:
                 k += 1
             rec.id = f"{rec.id}~{k}"
         seen.add(rec.id)
+        rec.order = len(records)
         records.append(rec)
     return records
 
@@ -296,10 +298,43 @@ def _role_counts(changes: list[NodeChange]) -> str:
 
 
 def _base_ref(ref: str, ids: set[str] | dict) -> str:
+    """The node id of a reference (``%id:1`` names output 1 of a multi-output ONNX node)."""
     if ref in ids:
         return ref
     m = re.match(r"(.*):\d+$", ref)
     return m.group(1) if m else ref
+
+
+_OCCURRENCE = re.compile(r"^(.*)#(\d+)$")
+
+
+def _align(b: list[_Record], a: list[_Record]) -> list[tuple[_Record, _Record]]:
+    """Pairs (old, new) records of the same node.
+
+    Ids are local, but an occurrence index still shifts when a node with the same key is removed
+    or inserted earlier in the *same* module path (a pass deleting one dead ``arange`` renumbers
+    the later ones). So ids that differ only by ``#n`` form a group; groups of equal size pair by
+    index, others by a sequence alignment of the node bodies (references masked).
+    """
+    groups_b: dict[str, list[_Record]] = {}
+    groups_a: dict[str, list[_Record]] = {}
+    for records, groups in ((b, groups_b), (a, groups_a)):
+        for rec in records:
+            m = _OCCURRENCE.match(rec.id)
+            groups.setdefault(m.group(1) if m else "\0" + rec.id, []).append(rec)
+    pairs: list[tuple[_Record, _Record]] = []
+    for key, olds in groups_b.items():
+        news = groups_a.get(key)
+        if not news:
+            continue
+        if len(olds) == len(news):
+            pairs.extend(zip(olds, news))
+            continue
+        matcher = difflib.SequenceMatcher(None, [r.masked for r in olds], [r.masked for r in news], autojunk=False)
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+            if tag in ("equal", "replace"):
+                pairs.extend(zip(olds[i1:i2], news[j1:j2]))
+    return pairs
 
 
 def diff(
@@ -318,8 +353,19 @@ def diff(
     a = _parse(after_text)
     bmap = {r.id: r for r in b}
     amap = {r.id: r for r in a}
-    added_ids = {r.id for r in a if r.id not in bmap}
-    removed_ids = {r.id for r in b if r.id not in amap}
+    pairs = _align(b, a)
+    paired_old = {old.id for old, _ in pairs}
+    paired_new = {new.id for _, new in pairs}
+    added_ids = {r.id for r in a if r.id not in paired_new}
+    removed_ids = {r.id for r in b if r.id not in paired_old}
+    renamed = {old.id: new.id for old, new in pairs if old.id != new.id}
+
+    def rename(ref: str) -> str:
+        if ref in renamed:
+            return renamed[ref]
+        base = _base_ref(ref, bmap)
+        return renamed[base] + ref[len(base) :] if base in renamed else ref
+
     result = GraphDiff(before_text, after_text, context=context, labels=tuple(labels), _before=b, _after=a)
     for r in a:
         if r.id in added_ids:
@@ -327,15 +373,15 @@ def diff(
     for r in b:
         if r.id in removed_ids:
             result.removed.append(NodeChange("removed", r.id, r.module_path, _label(r), r.role, r.line, None))
-    for r in a:
-        old = bmap.get(r.id)
-        if old is None or old.body == r.body:
+    for old, new in sorted(pairs, key=lambda pair: pair[1].order):
+        old_refs = [rename(ref) for ref in old.refs] if renamed else old.refs
+        if old.body == new.body or (renamed and REF.sub(lambda m: "%" + rename(m.group(1)), old.body) == new.body):
             continue
         rewired, causes = False, []
-        if old.masked == r.masked and len(old.refs) == len(r.refs):
+        if old.masked == new.masked and len(old_refs) == len(new.refs):
             rewired = True
-            for o, n in zip(old.refs, r.refs):
-                if o == n:
+            for o, o_renamed, n in zip(old.refs, old_refs, new.refs):
+                if o_renamed == n:
                     continue
                 nb, ob = _base_ref(n, amap), _base_ref(o, bmap)
                 if nb in added_ids:
@@ -346,16 +392,17 @@ def diff(
                     rewired = False
                     break
         causes = list(dict.fromkeys(causes))
+        rewired = rewired and bool(causes)
         result.changed.append(
             NodeChange(
                 "changed",
-                r.id,
-                r.module_path,
-                _label(r),
-                r.role or old.role,
+                new.id,
+                new.module_path,
+                _label(new),
+                new.role or old.role,
                 old.line,
-                r.line,
-                rewired=rewired and bool(causes),
+                new.line,
+                rewired=rewired,
                 caused_by=tuple(causes) if rewired else (),
             )
         )
