@@ -1,6 +1,8 @@
 """graphlora: LoRA, QLoRA and quantization as compiler passes over torch.fx graphs."""
 
 from graphlora.adapters import LoraSpec
+from graphlora.calibration import calibrate
+from graphlora.diff import GraphDiff, diff, graph_text, read_graph_text, save_graph_text
 from graphlora.errors import (
     AdapterError,
     CalibrationError,
@@ -53,6 +55,12 @@ __all__ = [
     "QuantizationError",
     "RuleError",
     "TraceError",
+    "GraphDiff",
+    "calibrate",
+    "diff",
+    "graph_text",
+    "read_graph_text",
+    "save_graph_text",
     "load_adapter",
     "trace",
     "transform",

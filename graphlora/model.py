@@ -12,7 +12,7 @@ import contextlib
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -25,6 +25,9 @@ from graphlora.passes.base import PassPipeline, PassRecord
 from graphlora.passes.insert_lora import InsertLoraPass, RemoveLoraPass
 from graphlora.passes.merge_lora import MergeLoraPass
 from graphlora.rules import QuantRule
+
+if TYPE_CHECKING:
+    from graphlora.quant import Encoding
 from graphlora.sites import tagged_sites
 from graphlora.training_mode import set_module_flags, set_training_flags
 
@@ -42,6 +45,7 @@ class MatchedSite:
     rule_index: int
     rule: QuantRule
     fan_in_fan_out: bool  # the parameter is stored (in, out), like transformers' Conv1D
+    weight_qtype: str | None = None  # how the base weight is stored now (None: float)
 
 
 class LoraModel(nn.Module):
@@ -103,6 +107,8 @@ class LoraModel(nn.Module):
                     rule_index=info["rule_index"],
                     rule=info["rule"],
                     fan_in_fan_out=s.param_layout == "in_out",
+                    weight_qtype=info.get("weight_qtype")
+                    or (info["weight_encoding"].qtype.name if "weight_encoding" in info else None),
                 )
             )
         return out
@@ -260,6 +266,61 @@ class LoraModel(nn.Module):
             raise AdapterError(f"unknown adapter {adapter!r}; this model has {sorted(self._adapters)}")
         return adapter
 
+    # ------------------------------------------------------------------ quantization
+
+    def encodings(self) -> dict[str, "Encoding"]:
+        """Every quantization encoding in the model, by tensor name.
+
+        Base weights by parameter name (``encoder.layer.0.attention.self.query.weight``),
+        activations as ``<site>.input`` / ``<site>.lora_A.output``, LoRA weights as
+        ``<site>.lora_A.weight``.
+        """
+        found: dict[str, Any] = {}
+        for node in self.graph_module.graph.nodes:
+            info = node.meta.get("graphlora", {})
+            if info.get("role") in ("dequant", "fake_quant") and "encoding" in info:
+                found[info["tensor"]] = info["encoding"]
+            elif info.get("role") == "base" and "weight_encoding" in info:
+                found[info["site"].weight_name] = info["weight_encoding"]
+        return found
+
+    def memory_report(self) -> dict[str, float]:
+        """Bytes held by the base weights (quantized and float) and by LoRA, and bits per
+        quantized parameter (codes plus scales and zero points)."""
+        gm = self.graph_module
+        lora_ids = {id(p) for a in self._adapters for p in self.lora_parameters(a)}
+        quant_bytes = sum(
+            b.numel() * b.element_size()
+            for n, b in gm.named_buffers()
+            if n.startswith("graphlora_quant.weight.")
+        )
+        quantized_params = sum(
+            int(torch.Size(info["encoding"].shape).numel())
+            for node in gm.graph.nodes
+            for info in [node.meta.get("graphlora", {})]
+            if info.get("role") == "dequant"
+        )
+        float_bytes = 0
+        lora_bytes = 0
+        seen: set[int] = set()
+        for _, p in gm.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            nbytes = p.numel() * p.element_size()
+            if id(p) in lora_ids:
+                lora_bytes += nbytes
+            else:
+                float_bytes += nbytes
+        return {
+            "base_bytes": float(float_bytes + quant_bytes),
+            "float_base_bytes": float(float_bytes),
+            "quantized_weight_bytes": float(quant_bytes),
+            "quantized_params": float(quantized_params),
+            "bits_per_quantized_param": (8.0 * quant_bytes / quantized_params) if quantized_params else 0.0,
+            "lora_bytes": float(lora_bytes),
+        }
+
     # ------------------------------------------------------------------ base weights
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
@@ -359,7 +420,7 @@ def _strip_peft_prefix(key: str) -> str:
 def _explain_input_error(exc: Exception) -> Exception:
     """Turn torch.export's input-guard failures into an InputError saying what to do."""
     text = str(exc)
-    markers = ("Expected input", "to be equal to", "guard", "in_spec", "Trying to flatten user inputs")
+    markers = ("Expected input", "to be equal to", "Guard failed", "in_spec", "Trying to flatten user inputs")
     if isinstance(exc, (AssertionError, RuntimeError, ValueError, TypeError)) and any(
         m in text for m in markers
     ):

@@ -42,13 +42,23 @@ class _InsertRuleLoraPass(InsertLoraPass):
         return super().call(gm)
 
 
-def build_passes(rules: list[QuantRule], *, strict: bool, adapter: str) -> list[GraphPass]:
+def build_passes(
+    rules: list[QuantRule],
+    *,
+    strict: bool,
+    adapter: str,
+    weight_storage: str = "packed",
+    calibration_data: Iterable[Any] | None = None,
+    progress: bool = True,
+) -> list[GraphPass]:
     """The default pass list; the quantization passes slot in around the LoRA insertion."""
     from graphlora.passes import quant_passes
 
     return [
         MatchRulesPass(rules, strict=strict),
-        *quant_passes.before_lora(rules),
+        *quant_passes.before_lora(
+            rules, storage=weight_storage, calibration_data=calibration_data, progress=progress
+        ),
         _InsertRuleLoraPass(adapter, {}),
         *quant_passes.after_lora(rules),
     ]
@@ -64,6 +74,9 @@ def transform(
     strict: bool = False,
     record: bool = False,
     adapter_name: str = DEFAULT_ADAPTER,
+    weight_storage: str = "packed",
+    calibration_data: Iterable[Any] | None = None,
+    progress: bool = True,
 ) -> LoraModel:
     """Trace ``model``, apply ``rules`` and return a trainable :class:`LoraModel`.
 
@@ -71,12 +84,25 @@ def transform(
     an int rank: the one-line toggle applying LoRA of that rank (alpha = rank) to the attention
     query and value projections. The original model is not modified. With ``record=True`` the
     returned model's ``pass_log`` holds each pass's graph diff.
+
+    Rules with ``weight_qtype`` quantize base weights: ``weight_storage="packed"`` stores integer
+    codes (QLoRA), ``"float"`` keeps float weights on the quantization grid (QW-LoRA).
+    ``calibration_data`` (batches) is needed by ``weight_calibration="gptq"``. Activation
+    encodings are calibrated afterwards with :func:`graphlora.calibrate`.
     """
     rules = normalize_rules(rules)
     if not isinstance(model, nn.Module):
         raise TraceError(f"transform() needs a torch.nn.Module, got {type(model).__name__}")
     gm = trace(model, example_args, example_kwargs, method=method)
-    pipeline = PassPipeline(build_passes(rules, strict=strict, adapter=adapter_name), record=record)
+    passes = build_passes(
+        rules,
+        strict=strict,
+        adapter=adapter_name,
+        weight_storage=weight_storage,
+        calibration_data=calibration_data,
+        progress=progress,
+    )
+    pipeline = PassPipeline(passes, record=record)
     gm = pipeline(gm)
     specs = lora_specs_from_rules(gm)
     for p in gm.parameters():
@@ -92,6 +118,7 @@ def transform(
     )
     for p in lora_model.lora_parameters() if specs else ():
         p.requires_grad_(True)
+    lora_model._record_passes = record
     return lora_model
 
 

@@ -28,9 +28,11 @@ LORA_INITS = ("kaiming", "gaussian")
 class QuantRule:
     """Quantization of matched sites, without LoRA.
 
-    ``weight_qtype`` quantizes the base weight (stored packed for 4-bit types, dequantized on the
-    fly); ``group_size`` blocks the scales along the input dimension (``None``: one scale per
-    output channel). ``act_qtype`` puts observers, then fake-quant, on the site's input
+    ``weight_qtype`` quantizes the base weight (stored as integer codes, packed two per byte for
+    4-bit types, dequantized on the fly); ``group_size`` blocks the scales along the input
+    dimension (``None``: one scale per output channel). ``weight_calibration`` picks the
+    encoding: ``absmax`` (symmetric), ``minmax`` (asymmetric), ``mse`` (clipping search) or
+    ``gptq`` (data-aware; needs calibration data at transform time). ``act_qtype`` puts observers, then fake-quant, on the site's input
     activation. ``lora_weight_qtype`` / ``lora_act_qtype`` quantize the LoRA branch of a site
     (its A/B weights and the activation between them) when a LoRA rule also covers it.
     """
@@ -38,7 +40,7 @@ class QuantRule:
     module_path: str = field(default=".*", kw_only=False)
     weight_qtype: str | None = None
     group_size: int | None = None
-    weight_symmetric: bool = True
+    weight_symmetric: bool | None = None  # None: the calibration method's default
     weight_calibration: str = "absmax"
     double_quant: bool = False
     act_qtype: str | None = None
@@ -148,6 +150,8 @@ def validate_rule(index: int, rule: QuantRule) -> None:
     _check_qtype(where, "lora_act_qtype", rule.lora_act_qtype, "activation")
     if rule.group_size is not None and (not isinstance(rule.group_size, int) or rule.group_size < 1):
         raise RuleError(f"{where}: group_size must be a positive int or None, got {rule.group_size!r}")
+    if rule.group_size is not None and rule.weight_qtype == "fp8_e4m3":
+        raise RuleError(f"{where}: fp8_e4m3 weights are scaled per channel; group_size must be None")
     if rule.weight_calibration not in WEIGHT_CALIBRATIONS:
         raise RuleError(
             f"{where}: weight_calibration must be one of {WEIGHT_CALIBRATIONS}, "
@@ -173,10 +177,10 @@ def validate_rule(index: int, rule: QuantRule) -> None:
 def _check_qtype(where: str, field_name: str, qtype: str | None, usage: str) -> None:
     if qtype is None:
         return
-    from graphlora.quant.qtypes import check_qtype
+    from graphlora.quant.qtypes import check_qtype_use
 
     try:
-        check_qtype(qtype, usage)
+        check_qtype_use(qtype, usage)
     except Exception as exc:
         raise RuleError(f"{where}: {field_name}: {exc}") from None
 

@@ -65,7 +65,7 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
         gm, adapter, site.module_path, spec, in_f, out_f, dtype=dtype, device=site.spec.weight_device
     )
     path = site.module_path
-    tags = dict(module_path=path, adapter=adapter)
+    tags = dict(module_path=path, adapter=adapter, site_key=site.spec.key)
     out = site.output
     # Insert after the last node the branch depends on, right after the site's output.
     with graph.inserting_after(out):

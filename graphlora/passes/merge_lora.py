@@ -4,7 +4,7 @@ Works on whatever weight a site computes with: a float parameter, or a quantized
 through dequantize nodes (which is evaluated, so a merged QLoRA model becomes a float model). The
 merged weight keeps the parameter's original name, so a merged model's state dict has the
 original model's keys. A weight that is also read elsewhere (a tied embedding) is left as it is
-for those readers; the merged copy gets its own name.
+for those readers; the merged copy gets its own name (``<name>__merged``).
 """
 
 from __future__ import annotations
@@ -17,17 +17,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphlora.adapters import ADAPTERS_ROOT, LoraSpec, lora_param_name
-from graphlora.graph_utils import (
-    delete_tensor,
-    fake_mode,
-    get_tensor,
-    insert_get_attr,
-    remove_dead_nodes,
-    set_tensor,
-)
+from graphlora.graph_utils import delete_tensor, get_tensor
 from graphlora.passes.base import GraphPass, PassResult
 from graphlora.passes.insert_lora import RemoveLoraPass
-from graphlora.sites import LinearSite, iter_site_groups, tagged_sites
+from graphlora.passes.weights import groups_by_weight, replace_with_tensor
+from graphlora.sites import tagged_sites
 
 
 def lora_delta(gm: nn.Module, adapter: str, path: str, spec: LoraSpec) -> torch.Tensor:
@@ -45,10 +39,9 @@ class MergeLoraPass(GraphPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         RemoveLoraPass().call(gm)
-        mode = fake_mode(gm)
-        replaced: list[str] = []
         modified = False
-        for path, sites in iter_site_groups(tagged_sites(gm)):
+        for sites in groups_by_weight(tagged_sites(gm)).values():
+            path = sites[0].module_path
             deltas = [
                 lora_delta(gm, name, path, specs[path])
                 for name, specs in self.adapters.items()
@@ -56,48 +49,21 @@ class MergeLoraPass(GraphPass):
             ]
             if not deltas:
                 continue
+            spec = sites[0].spec
+            base = sites[0].param_value().detach()
+            delta = sum(deltas)
+            delta = delta if spec.param_layout == "out_in" else delta.t()
+            merged = (base.float() + delta).to(getattr(torch, spec.weight_dtype))
+            replace_with_tensor(gm, sites, merged, suffix="merged")
             modified = True
-            _merge_group(gm, sites, sum(deltas), mode)
-            replaced.append(sites[0].spec.weight_name)
-        remove_dead_nodes(gm)
-        _drop_unread(gm, replaced)
-        _finalise_names(gm, replaced)
+        _drop_unread_graphlora_tensors(gm)
         gm._modules.pop(ADAPTERS_ROOT, None)
         return PassResult(gm, modified)
 
 
-def _merge_group(gm: fx.GraphModule, sites: list[LinearSite], delta: torch.Tensor, mode) -> None:
-    spec = sites[0].spec
-    base = sites[0].param_value().detach()
-    delta_param = delta if spec.param_layout == "out_in" else delta.t()
-    merged = (base.float() + delta_param).to(getattr(torch, spec.weight_dtype))
-    temp = f"{spec.weight_name}__merged"
-    set_tensor(gm, temp, nn.Parameter(merged, requires_grad=False), parameter=True)
-    for site in sites:
-        with gm.graph.inserting_before(site.node):
-            read = insert_get_attr(gm.graph, temp, mode=mode)
-        site.feed_param(read)
-
-
-def _drop_unread(gm: fx.GraphModule, names: list[str]) -> None:
+def _drop_unread_graphlora_tensors(gm: fx.GraphModule) -> None:
+    """Quantized storage a merge made obsolete is freed, not saved with the merged model."""
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in names:
-        if name not in read:
-            delete_tensor(gm, name)
     for name, _ in list(gm.named_buffers()) + list(gm.named_parameters()):
         if name.startswith("graphlora_") and not name.startswith(ADAPTERS_ROOT) and name not in read:
             delete_tensor(gm, name)
-
-
-def _finalise_names(gm: fx.GraphModule, names: list[str]) -> None:
-    """Give merged weights their original names where nothing else still reads the original."""
-    still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in names:
-        temp = f"{name}__merged"
-        if name in still_read:
-            continue  # tied: the original still serves other readers
-        set_tensor(gm, name, get_tensor(gm, temp), parameter=True)
-        delete_tensor(gm, temp)
-        for node in gm.graph.nodes:
-            if node.op == "get_attr" and node.target == temp:
-                node.target = name

@@ -1,0 +1,263 @@
+"""Activation quantization: observers in, calibration data through, fake-quant out.
+
+Observers exist only while :func:`graphlora.calibrate` runs: :class:`InsertObserversPass` puts one
+on every tensor a rule wants quantized, the data flows through, and :class:`FreezeObserversPass`
+replaces each observer by a ``graphlora::fake_quantize`` node with the computed encoding (scale and
+zero point in buffers under ``graphlora_quant.act``). Training never feeds observers by accident,
+and the graph after calibration is exactly the simulated quantized model that is exported.
+
+Tensors and their names (the keys of :meth:`LoraModel.encodings`):
+
+* ``<site>.input`` — a site's input, for rules with ``act_qtype`` (one observer per distinct
+  input tensor and settings: query, key and value of one block share theirs);
+* ``<site>.lora_input`` — the LoRA branch's input when the base input is not quantized but the
+  rule has ``lora_act_qtype`` (otherwise the branch reads the quantized base input);
+* ``<site>.lora_A.output`` — the rank-r activation between A and B (``lora_act_qtype``);
+* ``<site>.lora_A.weight`` / ``<site>.lora_B.weight`` — LoRA weights (``lora_weight_qtype``,
+  symmetric per output channel), quantized from their values at calibration time.
+
+``<site>`` is the module path (``path#1`` for a module's second use).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.fx as fx
+
+from graphlora import meta
+from graphlora.errors import CalibrationError
+from graphlora.graph_utils import (
+    delete_tensor,
+    ensure_container,
+    fake_mode,
+    get_tensor,
+    insert_call,
+    insert_get_attr,
+    set_tensor,
+)
+from graphlora.passes.base import GraphPass, PassResult
+from graphlora.quant import Encoding, calibrate_weight, make_observer
+from graphlora.quant.ops import OPS
+from graphlora.sites import LinearSite, tagged_sites
+
+Targets = Literal["all", "base", "lora"]
+OBSERVER_ROOT = "graphlora_observers"
+ACT_ROOT = "graphlora_quant.act"
+LORA_WEIGHT_ROOT = "graphlora_quant.lora"
+FAKE_QUANT = OPS["fake_quantize"]
+
+
+@dataclass(frozen=True)
+class _Target:
+    tensor: str
+    qtype: str
+    symmetric: bool
+    calibration: str
+    percentile: float
+    module_path: str
+    adapter: str | None
+
+
+def _branch_nodes(gm: fx.GraphModule, site: LinearSite) -> list[fx.Node]:
+    """The LoRA nodes of one site use (all active adapters), in graph order."""
+    key = site.spec.key
+    return [
+        n
+        for n in gm.graph.nodes
+        if meta.info(n).get("adapter") is not None and meta.info(n).get("site_key") == key
+    ]
+
+
+def _branch_input_consumers(site: LinearSite, branch: list[fx.Node]) -> list[fx.Node]:
+    x = site.input
+    return [n for n in branch if x in n.all_input_nodes and meta.role(n) != "lora_add"]
+
+
+def _is_quantized(node: fx.Node) -> bool:
+    return meta.role(node) in ("fake_quant", "observer")
+
+
+@dataclass
+class InsertObserversPass(GraphPass):
+    """Observe every tensor the rules want quantized and that has no encoding yet."""
+
+    targets: Targets = "all"
+    observers: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"InsertObserversPass[{self.targets}]"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        self.observers = []
+        container = ensure_container(gm, OBSERVER_ROOT)
+        shared: dict[tuple, fx.Node] = {}
+
+        def observe(value: fx.Node, consumers: list[fx.Node], target: _Target) -> None:
+            consumers = [c for c in consumers if value in c.all_input_nodes]
+            if not consumers or _is_quantized(value):
+                return
+            key = (value, target.qtype, target.symmetric, target.calibration)
+            obs_node = shared.get(key)
+            if obs_node is None:
+                index = str(len(container._modules))
+                kwargs = {"percentile": target.percentile} if target.calibration == "percentile" else {}
+                container.add_module(index, make_observer(target.calibration, target.tensor, **kwargs))
+                with gm.graph.inserting_after(value):
+                    obs_node = gm.graph.call_module(f"{OBSERVER_ROOT}.{index}", (value,))
+                meta.tag(obs_node, "observer", **target.__dict__)
+                if "val" in value.meta:
+                    obs_node.meta["val"] = value.meta["val"]
+                shared[key] = obs_node
+                self.observers.append(target.tensor)
+            for c in consumers:
+                c.replace_input_with(value, obs_node)
+
+        for site in tagged_sites(gm):
+            rule = site.rule
+            if rule is None:
+                continue
+            key = site.spec.key
+            branch = _branch_nodes(gm, site)
+            base_quantized = False
+            if self.targets in ("all", "base") and rule.act_qtype:
+                consumers = [site.node]
+                if rule.lora_act_qtype:
+                    consumers += _branch_input_consumers(site, branch)
+                observe(site.input, consumers, _Target(
+                    f"{key}.input", rule.act_qtype, rule.act_symmetric, rule.act_calibration,
+                    rule.act_percentile, site.module_path, None))
+                base_quantized = True
+            if self.targets in ("all", "lora") and rule.lora_act_qtype and branch:
+                if not base_quantized and not _is_quantized(site.input):
+                    observe(site.input, _branch_input_consumers(site, branch), _Target(
+                        f"{key}.lora_input", rule.lora_act_qtype, rule.act_symmetric,
+                        rule.act_calibration, rule.act_percentile, site.module_path,
+                        meta.info(branch[0]).get("adapter")))
+                for node in branch:
+                    if meta.role(node) == "lora_scale":
+                        consumers = [u for u in node.users if meta.role(u) in ("lora_a", "lora_b")]
+                        which = "lora_A" if any(meta.role(u) == "lora_b" for u in consumers) else "lora_B"
+                        observe(node, consumers, _Target(
+                            f"{key}.{which}.output", rule.lora_act_qtype, rule.act_symmetric,
+                            rule.act_calibration, rule.act_percentile, site.module_path,
+                            meta.info(node).get("adapter")))
+        if not container._modules:
+            gm._modules.pop(OBSERVER_ROOT, None)
+        return PassResult(gm, bool(self.observers))
+
+
+def observer_modules(gm: fx.GraphModule) -> list[torch.nn.Module]:
+    return [gm.get_submodule(n.target) for n in gm.graph.nodes if meta.role(n) == "observer"]
+
+
+@dataclass
+class FreezeObserversPass(GraphPass):
+    """Replace each observer by fake-quant with the encoding its statistics give."""
+
+    encodings: dict[str, Encoding] = field(default_factory=dict)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        mode = fake_mode(gm)
+        self.encodings = {}
+        for node in [n for n in gm.graph.nodes if meta.role(n) == "observer"]:
+            info = dict(meta.info(node))
+            observer = gm.get_submodule(node.target)
+            encoding = observer.compute_encoding(info["qtype"], info["symmetric"])
+            fq = _insert_fake_quant(gm, node.args[0], encoding, info, mode, after=node)
+            node.replace_all_uses_with(fq)
+            gm.graph.erase_node(node)
+            self.encodings[info["tensor"]] = encoding
+        gm._modules.pop(OBSERVER_ROOT, None)
+        return PassResult(gm, bool(self.encodings))
+
+
+def _insert_fake_quant(gm, value: fx.Node, encoding: Encoding, info: dict, mode, *, after: fx.Node, root: str = ACT_ROOT, axis=None) -> fx.Node:
+    tensor = info["tensor"]
+    tags = {k: info.get(k) for k in ("module_path", "adapter")}
+    qual = f"{root}.{tensor}"
+    set_tensor(gm, f"{qual}.scale", encoding.scale.detach().clone(), parameter=False)
+    if encoding.zero_point is not None:
+        set_tensor(gm, f"{qual}.zero_point", encoding.zero_point.detach().clone(), parameter=False)
+    with gm.graph.inserting_after(after):
+        scale = insert_get_attr(gm.graph, f"{qual}.scale", role="weight", mode=mode, tensor=tensor, **tags)
+    cursor = scale
+    zp = None
+    if encoding.zero_point is not None:
+        with gm.graph.inserting_after(cursor):
+            zp = insert_get_attr(gm.graph, f"{qual}.zero_point", role="weight", mode=mode, tensor=tensor, **tags)
+        cursor = zp
+    qt = encoding.qtype
+    block = encoding.block_size
+    with gm.graph.inserting_after(cursor):
+        fq = insert_call(
+            gm.graph, FAKE_QUANT, (value, scale, zp, axis, block, qt.qmin, qt.qmax),
+            role="fake_quant", mode=mode, tensor=tensor, qtype=qt.name, encoding=encoding,
+            symmetric=encoding.symmetric, **tags,
+        )
+    return fq
+
+
+@dataclass
+class QuantizeLoraWeightsPass(GraphPass):
+    """Fake-quantize LoRA A/B weights (per output channel) for rules with ``lora_weight_qtype``.
+
+    Encodings are computed from the weights' current values, so run it after training (QW-LoRA
+    step 3); the straight-through estimator keeps the weights trainable if training continues.
+    """
+
+    encodings: dict[str, Encoding] = field(default_factory=dict)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        mode = fake_mode(gm)
+        self.encodings = {}
+        for site in tagged_sites(gm):
+            rule = site.rule
+            if rule is None or not rule.lora_weight_qtype:
+                continue
+            for node in list(gm.graph.nodes):
+                info = meta.info(node)
+                if not (node.op == "get_attr" and info.get("tensor") in ("lora_A", "lora_B")
+                        and info.get("module_path") == site.module_path):
+                    continue
+                users = [u for u in node.users if meta.role(u) != "fake_quant"]
+                if not users or any(meta.role(u) == "fake_quant" for u in node.users):
+                    continue
+                which = info["tensor"]
+                tensor = f"{site.module_path}.{which}.weight"
+                weight = get_tensor(gm, node.target).detach()
+                encoding = calibrate_weight(weight, rule.lora_weight_qtype, method="absmax", axis=0, name=tensor)
+                fq = _insert_fake_quant(
+                    gm, node, encoding, {**info, "tensor": tensor}, mode, after=node,
+                    root=LORA_WEIGHT_ROOT, axis=0,
+                )
+                for u in users:
+                    u.replace_input_with(node, fq)
+                self.encodings[tensor] = encoding
+        return PassResult(gm, bool(self.encodings))
+
+
+def remove_fake_quant(gm: fx.GraphModule, targets: Targets = "all") -> int:
+    """Take activation/LoRA fake-quant nodes out again (to recalibrate them)."""
+    removed = 0
+    for node in [n for n in gm.graph.nodes if meta.role(n) == "fake_quant"]:
+        is_lora = meta.info(node).get("adapter") is not None or ".lora_" in meta.info(node).get("tensor", "")
+        if targets == "base" and is_lora or targets == "lora" and not is_lora:
+            continue
+        tensor = meta.info(node)["tensor"]
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        removed += 1
+        for root in (ACT_ROOT, LORA_WEIGHT_ROOT):
+            for leaf in ("scale", "zero_point"):
+                try:
+                    delete_tensor(gm, f"{root}.{tensor}.{leaf}")
+                except AttributeError:
+                    pass
+    from graphlora.graph_utils import remove_dead_nodes
+
+    remove_dead_nodes(gm)
+    return removed
