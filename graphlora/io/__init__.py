@@ -2,6 +2,10 @@
 
 This package knows nothing of graphs or passes: it reads and writes plain dicts of tensors,
 configs and paths. Every file graphlora writes goes through :mod:`graphlora.io.atomic`.
+
+The one exception is :mod:`graphlora.io.lora_io`, the bridge from a ``LoraModel`` to these formats
+(``LoraModel.save_pretrained`` and ``graphlora.load_adapter``). It imports the model side, so it is
+not imported here: ``import graphlora.io`` stays free of graphs and passes.
 """
 
 from graphlora.io.atomic import atomic_directory, atomic_path, atomic_write, recover

@@ -1,0 +1,282 @@
+"""graphlora <-> PEFT / transformers with the real libraries.
+
+The pretrained MiniLM sentence encoder (nn.Linear sites) on real sentences, and GPT-2 from a small
+config (transformers Conv1D sites, PEFT's fan_in_fan_out): adapters saved by graphlora load in
+PEFT and with transformers' load_adapter; adapters saved by PEFT load in graphlora; merged and
+base + adapters saves load with from_pretrained; rank/alpha patterns survive a round trip. Every
+comparison is on the model outputs, max abs diff <= 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import graphlora
+from graphlora import LoraRule
+from toy_models import ids
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-5
+MINILM_RULES = [
+    LoraRule(r"encoder\.layer\.\d+\.attention\.self\.query", rank=4, alpha=8.0),
+    LoraRule(r"encoder\.layer\.\d+\.attention\.self\.value", rank=8, alpha=4.0),
+    LoraRule(r"encoder\.layer\.[0-2]\.output\.dense", rank=2, alpha=2.0, use_rslora=True),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on the 2-core CI machine, shared with other jobs, two OpenMP threads
+    fighting a busy core make each forward ~30x slower. Restored after the module."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _randomize(named_params, seed: int, std: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in named_params:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _hidden(out) -> torch.Tensor:
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _close(a, b) -> None:
+    torch.testing.assert_close(_hidden(a), _hidden(b), rtol=0, atol=ATOL)
+
+
+# ------------------------------------------------------------------------------ MiniLM fixtures
+
+
+@pytest.fixture(scope="module")
+def batch(minilm, sentences):
+    _, tokenizer = minilm
+    enc = tokenizer(sentences[:3], padding=True, truncation=True, max_length=24, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+@pytest.fixture(scope="module")
+def base(minilm):
+    """A fresh copy of the pretrained encoder per use: PEFT and transformers modify in place."""
+    model, _ = minilm
+    return lambda: copy.deepcopy(model).eval()
+
+
+@pytest.fixture(scope="module")
+def lora(minilm, batch):
+    model, _ = minilm
+    lm = graphlora.transform(
+        model, MINILM_RULES, (batch["input_ids"],), {"attention_mask": batch["attention_mask"]}
+    )
+    _randomize(lm.named_lora_parameters(), seed=1)
+    return lm
+
+
+@pytest.fixture(scope="module")
+def expected(lora, batch):
+    with torch.no_grad():
+        return lora(batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+@pytest.fixture(scope="module")
+def saves(lora, tmp_path_factory):
+    root = tmp_path_factory.mktemp("minilm")
+    lora.save_pretrained(root / "adapters", only_save_adapters=True)
+    lora.save_pretrained(root / "separate")
+    lora.save_pretrained(root / "merged", save_adapters_separately=False)
+    return root
+
+
+def _graphlora_load(model, path, batch, **kw):
+    return graphlora.load_adapter(
+        model, path, example_args=(batch["input_ids"],),
+        example_kwargs={"attention_mask": batch["attention_mask"]}, **kw,
+    )
+
+
+def _run_graphlora(lm, batch):
+    with torch.no_grad():
+        return lm(batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def _run_hf(model, batch):
+    with torch.no_grad():
+        return model(**batch)
+
+
+# ------------------------------------------------------------------------------ graphlora -> HF
+
+
+def test_adapter_config_describes_the_rules(saves, lora):
+    config = json.loads((saves / "adapters" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["bias"] == "none"
+    assert config["target_modules"] == sorted(lora.adapters["default"])
+    assert config["base_model_name_or_path"] == lora.source["name_or_path"]
+    assert config["task_type"] == "FEATURE_EXTRACTION"
+    assert config["fan_in_fan_out"] is False
+
+
+def test_peft_loads_graphlora_adapter(saves, base, batch, expected, lora):
+    model = peft.PeftModel.from_pretrained(base(), saves / "adapters").eval()
+    _close(_run_hf(model, batch), expected)
+    # every module got its own rank and scale (rank_pattern / alpha_pattern, rsLoRA folded)
+    for path, spec in lora.adapters["default"].items():
+        layer = model.base_model.model.get_submodule(path)
+        assert layer.r["default"] == spec.rank
+        assert layer.scaling["default"] == pytest.approx(spec.scale)
+
+
+def test_transformers_load_adapter_reads_graphlora_adapter(saves, base, batch, expected):
+    model = base()
+    model.load_adapter(str(saves / "adapters"))
+    _close(_run_hf(model, batch), expected)
+
+
+def test_merged_save_loads_with_from_pretrained(saves, batch, expected):
+    config = json.loads((saves / "merged" / "config.json").read_text())
+    assert config["architectures"] == ["BertModel"]
+    model = transformers.AutoModel.from_pretrained(saves / "merged").eval()
+    _close(_run_hf(model, batch), expected)
+
+
+def test_base_and_adapters_reload(saves, minilm, batch, expected):
+    root = saves / "separate"
+    assert sorted(p.name for p in root.iterdir()) == ["adapters", "config.json", "model.safetensors"]
+    reloaded = transformers.AutoModel.from_pretrained(root).eval()
+    _close(_run_hf(reloaded, batch), _run_hf(minilm[0], batch))  # the base, untouched
+    with_peft = peft.PeftModel.from_pretrained(reloaded, root / "adapters").eval()
+    _close(_run_hf(with_peft, batch), expected)
+
+
+# ------------------------------------------------------------------------------ HF -> graphlora
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(base, tmp_path_factory, batch):
+    """An adapter made and saved by PEFT itself, B non-zero, and PEFT's output with it."""
+    config = peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=["query", "value", "intermediate.dense"], lora_dropout=0.1
+    )
+    model = peft.get_peft_model(base(), config).eval()
+    _randomize(((n, p) for n, p in model.named_parameters() if "lora_" in n), seed=2)
+    path = tmp_path_factory.mktemp("peft") / "adapter"
+    model.save_pretrained(path)
+    return path, _run_hf(model, batch)
+
+
+def test_graphlora_loads_peft_adapter_then_its_own_on_sites_no_rule_matched(
+    peft_adapter, base, batch, saves, expected, minilm
+):
+    """PEFT's adapter into a plain model (traced for it), then graphlora's own adapter as a second
+    one: its `output.dense` targets are linear layers no rule of this LoraModel matched. Both can
+    be switched to and disabled, as in PEFT."""
+    path, reference = peft_adapter
+    lm = _graphlora_load(base(), path, batch)
+    assert lm.active_adapters == ["default"] and len(lm.adapters["default"]) == 18
+    _close(_run_graphlora(lm, batch), reference)
+    graphlora.load_adapter(lm, saves / "adapters", adapter_name="ours")
+    assert lm.active_adapters == ["default"]  # loading a second adapter does not switch to it
+    lm.set_adapter("ours")
+    _close(_run_graphlora(lm, batch), expected)
+    lm.set_adapter("default")
+    _close(_run_graphlora(lm, batch), reference)
+    with lm.disable_adapter():
+        _close(_run_graphlora(lm, batch), _run_hf(minilm[0], batch))
+    lm.disable_adapters()
+    _close(_run_graphlora(lm, batch), _run_hf(minilm[0], batch))
+
+
+def test_rank_and_alpha_patterns_round_trip_through_peft(saves, base, batch, expected, lora, tmp_path):
+    """graphlora (3 rules, 3 ranks) -> PEFT -> saved by PEFT -> graphlora: same specs, outputs."""
+    model = peft.PeftModel.from_pretrained(base(), saves / "adapters").eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(saved["rank_pattern"].values()) | {saved["r"]} == {2, 4, 8}
+    graphlora.load_adapter(lora, tmp_path, adapter_name="round_trip", activate=True)
+    try:
+        ours = lora.adapters["default"]
+        theirs = lora.adapters["round_trip"]
+        assert {p: s.rank for p, s in theirs.items()} == {p: s.rank for p, s in ours.items()}
+        for p in ours:
+            assert theirs[p].scale == pytest.approx(ours[p].scale)
+        _close(_run_graphlora(lora, batch), expected)
+    finally:
+        lora.delete_adapter("round_trip")
+        lora.set_adapter("default")
+
+
+# ------------------------------------------------------------------------------ GPT-2 (Conv1D)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(cfg).eval()
+    x = ids()
+    lm = graphlora.transform(
+        model,
+        [LoraRule(r".*attn\.c_attn", rank=4, alpha=8.0), LoraRule(r".*mlp\.c_(fc|proj)", rank=2)],
+        (x,),
+        {"use_cache": False},
+    )
+    _randomize(lm.named_lora_parameters(), seed=3, std=0.2)
+    with torch.no_grad():
+        out = lm(x, use_cache=False)
+    return model, lm, x, out
+
+
+def test_gpt2_conv1d_adapter_in_peft_and_back(gpt2, tmp_path):
+    model, lm, x, expected = gpt2
+    lm.save_pretrained(tmp_path / "a", only_save_adapters=True)
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and config["rank_pattern"]
+    with torch.no_grad():
+        peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "a").eval()
+        _close(peft_model(x, use_cache=False), expected)
+    back = graphlora.load_adapter(
+        copy.deepcopy(model), tmp_path / "a", example_args=(x,), example_kwargs={"use_cache": False}
+    )
+    with torch.no_grad():
+        _close(back(x, use_cache=False), expected)
+
+
+def test_gpt2_merged_sharded_save_loads_with_from_pretrained(gpt2, tmp_path):
+    model, lm, x, expected = gpt2
+    result = lm.save_pretrained(tmp_path, save_adapters_separately=False, max_shard_size="40KB")
+    assert "model.safetensors.index.json" in result.files and len(result.files) > 3
+    merged = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    assert type(merged).__name__ == "GPT2Model"
+    with torch.no_grad():
+        _close(merged(x, use_cache=False), expected)
+
+
+def test_merged_lora_on_a_tied_lm_head_unties_it_in_config(tmp_path):
+    """LoRA on an lm_head tied to the embeddings: the merged head differs from the embedding, so
+    the checkpoint must not be re-tied by from_pretrained."""
+    from toy_models import tiny_llama
+
+    model = tiny_llama(layers=1, tie=True)
+    x = ids(vocab=128)
+    lm = graphlora.transform(model, [LoraRule(r"lm_head|.*q_proj", rank=4, alpha=8.0)], (x,), {"use_cache": False})
+    _randomize(lm.named_lora_parameters(), seed=4, std=0.1)
+    with torch.no_grad():
+        expected = lm(x, use_cache=False).logits
+    with pytest.warns(graphlora.GraphloraWarning, match="tie_word_embeddings=false"):
+        lm.save_pretrained(tmp_path, save_adapters_separately=False)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert merged.config.tie_word_embeddings is False
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x, use_cache=False).logits, expected, rtol=0, atol=ATOL)
