@@ -171,6 +171,27 @@ def evaluate(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
         return run(node)
 
 
+def erase_unused_chain(nodes) -> int:
+    """Erase ``nodes`` that lost their last user, and whatever only they fed, transitively.
+
+    Passes that rewire a weight clean up exactly what they disconnected, never unrelated dead
+    code the tracer left (which would show up in their graph diff).
+    """
+    removed = 0
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if getattr(node, "_erased", False) or node.users or node.op not in ("get_attr", "call_function", "call_method"):
+            continue
+        if node.op != "get_attr" and node.is_impure():
+            continue
+        inputs = list(node.all_input_nodes)
+        node.graph.erase_node(node)
+        removed += 1
+        stack.extend(inputs)
+    return removed
+
+
 def remove_dead_nodes(gm: fx.GraphModule) -> int:
     """Erase side-effect-free nodes whose results nobody uses (after rewiring a weight, say)."""
     removed = 0

@@ -32,6 +32,7 @@ from graphlora.errors import CalibrationError
 from graphlora.graph_utils import (
     delete_tensor,
     ensure_container,
+    erase_unused_chain,
     fake_mode,
     get_tensor,
     insert_call,
@@ -249,7 +250,9 @@ def remove_fake_quant(gm: fx.GraphModule, targets: Targets = "all") -> int:
             continue
         tensor = meta.info(node)["tensor"]
         node.replace_all_uses_with(node.args[0])
+        params = [a for a in node.args[1:3] if isinstance(a, fx.Node)]
         gm.graph.erase_node(node)
+        erase_unused_chain(params)
         removed += 1
         for root in (ACT_ROOT, LORA_WEIGHT_ROOT):
             for leaf in ("scale", "zero_point"):
@@ -257,7 +260,4 @@ def remove_fake_quant(gm: fx.GraphModule, targets: Targets = "all") -> int:
                     delete_tensor(gm, f"{root}.{tensor}.{leaf}")
                 except AttributeError:
                     pass
-    from graphlora.graph_utils import remove_dead_nodes
-
-    remove_dead_nodes(gm)
     return removed

@@ -20,7 +20,7 @@ from graphlora.graph_utils import (
     fake_mode,
     get_tensor,
     insert_get_attr,
-    remove_dead_nodes,
+    erase_unused_chain,
     set_tensor,
 )
 from graphlora.sites import LinearSite
@@ -36,11 +36,12 @@ def replace_with_tensor(gm: fx.GraphModule, sites: list[LinearSite], value: torc
     temp = f"{original}__{suffix}"
     set_tensor(gm, temp, nn.Parameter(value.detach(), requires_grad=False), parameter=True)
     mode = fake_mode(gm)
+    old = [s.weight_input for s in sites]
     for site in sites:
         with gm.graph.inserting_before(site.node):
             read = insert_get_attr(gm.graph, temp, mode=mode)
         site.feed_param(read)
-    remove_dead_nodes(gm)
+    erase_unused_chain(old)
     if weight_readers(gm, original):
         return temp  # still read elsewhere (tied): both live on under their own names
     set_tensor(gm, original, get_tensor(gm, temp), parameter=True)
@@ -60,9 +61,10 @@ def replace_with_node(gm: fx.GraphModule, sites: list[LinearSite], build) -> fx.
     first = min(sites, key=lambda s: _position(gm, s.node))
     with gm.graph.inserting_before(first.node):
         new = build()
+    old = [s.weight_input for s in sites]
     for site in sites:
         site.feed_param(new)
-    remove_dead_nodes(gm)
+    erase_unused_chain(old)
     if not weight_readers(gm, original):
         delete_tensor(gm, original)
     return new
