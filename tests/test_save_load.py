@@ -217,6 +217,31 @@ def test_bare_parameter_sites_round_trip_in_graphlora_with_a_peft_warning(tmp_pa
     torch.testing.assert_close(again(x), lm(x), rtol=0, atol=1e-6)
 
 
+def test_quantized_base_is_saved_dequantized(tmp_path):
+    """QLoRA: int4 LoRA sites and an int8 site without LoRA. Both base layouts hold the float
+    weights the model computes with, so the float module reloaded from them reproduces it."""
+    model = MLP(dims=(8, 64, 64, 4)).eval()
+    rules = [
+        LoraRule(r"layers\.[01]", rank=2, weight_qtype="int4", group_size=32),
+        graphlora.QuantRule(r"layers\.2", weight_qtype="int8"),
+    ]
+    lm = graphlora.transform(model, rules, (X,))
+    assert [s.weight_qtype for s in lm.sites] == ["int4", "int4", "int8"]
+    _randomize(lm, std=0.1)
+    lm.save_pretrained(tmp_path / "separate")
+    lm.save_pretrained(tmp_path / "merged", save_adapters_separately=False)
+    base = MLP(dims=(8, 64, 64, 4)).eval()
+    base.load_state_dict(load_file(str(tmp_path / "separate" / "model.safetensors")))
+    with lm.disable_adapter():
+        torch.testing.assert_close(base(X), lm(X), rtol=0, atol=1e-6)
+    assert not torch.equal(base.layers[2].weight, model.layers[2].weight)  # on the int8 grid
+    again = graphlora.load_adapter(base, tmp_path / "separate", example_args=(X,))
+    torch.testing.assert_close(again(X), lm(X), rtol=0, atol=1e-6)
+    merged = MLP(dims=(8, 64, 64, 4)).eval()
+    merged.load_state_dict(load_file(str(tmp_path / "merged" / "model.safetensors")))
+    torch.testing.assert_close(merged(X), lm(X), rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ atomicity
 
 

@@ -220,8 +220,19 @@ def _plan_merged(model: LoraModel, adapter_name: str | None) -> _Plan:
             original = key[: -len(MERGED_SUFFIX)]
             state[original] = value
             untied.append(original)
+    _add_dequantized_weights(merged, state)
     state = _original_keys(model, state, what="merged")
     return _Plan(state=state, config=_export_config(model, untied), adapters={}, adapter_dirs={})
+
+
+def _add_dequantized_weights(gm: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Quantized sites the merge did not touch (no LoRA, or an inactive adapter's) still read
+    packed storage, and their parameter is gone from the state dict: evaluate their dequantized
+    float weight so the merged checkpoint is a complete float model."""
+    for site in tagged_sites(gm):
+        name = site.spec.weight_name
+        if name not in state:
+            state[name] = site.param_value().detach()
 
 
 def adapter_layout(
