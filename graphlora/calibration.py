@@ -25,6 +25,7 @@ from graphlora.passes.observers import (
     remove_fake_quant,
 )
 from graphlora.quant import Encoding
+from graphlora.sites import tagged_sites
 
 
 def calibrate(
@@ -52,7 +53,10 @@ def calibrate(
     pipeline = PassPipeline([insert], record=record)
     pipeline(gm)
     observers = observer_modules(gm)
-    lora_weights = QuantizeLoraWeightsPass() if targets in ("all", "lora") else None
+    wants_lora_weights = targets in ("all", "lora") and any(
+        s.rule is not None and s.rule.lora_weight_qtype for s in tagged_sites(gm)
+    )
+    lora_weights = QuantizeLoraWeightsPass() if wants_lora_weights else None
     if not observers and lora_weights is None:
         raise CalibrationError(
             f"nothing to calibrate for targets={targets!r}: no rule asks for activation "

@@ -74,6 +74,16 @@ class LoraModel(nn.Module):
     # ------------------------------------------------------------------ running
 
     def forward(self, *args, **kwargs):
+        constants = self.graph_module.meta.get("graphlora_constant_kwargs", {})
+        for name, traced in constants.items():
+            if name not in kwargs:
+                kwargs[name] = traced
+            elif kwargs[name] != traced:
+                raise InputError(
+                    f"{name}={kwargs[name]!r} differs from the value the graph was traced with "
+                    f"({name}={traced!r}); Python constants are fixed at trace time: transform "
+                    f"again with example_kwargs={{..., {name!r}: {kwargs[name]!r}}}"
+                )
         try:
             return self.graph_module(*args, **kwargs)
         except Exception as exc:
@@ -420,7 +430,14 @@ def _strip_peft_prefix(key: str) -> str:
 def _explain_input_error(exc: Exception) -> Exception:
     """Turn torch.export's input-guard failures into an InputError saying what to do."""
     text = str(exc)
-    markers = ("Expected input", "to be equal to", "Guard failed", "in_spec", "Trying to flatten user inputs")
+    markers = (
+        "Expected input",
+        "to be equal to",
+        "Guard failed",
+        "in_spec",
+        "Trying to flatten user inputs",
+        "keyword mismatch",
+    )
     if isinstance(exc, (AssertionError, RuntimeError, ValueError, TypeError)) and any(
         m in text for m in markers
     ):

@@ -98,6 +98,11 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
     gm = exported.module()
     _freeze_parameters(gm)
     gm.meta["graphlora_state_keys"] = list(model.state_dict().keys())
+    # Non-tensor keyword arguments (use_cache=False, return_dict=True) are baked into the graph;
+    # remember them so callers may omit them and are told when they pass something else.
+    gm.meta["graphlora_constant_kwargs"] = {
+        k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))
+    }
     gm.meta["graphlora_dynamic"] = dynamic and len(errors) == 0
     return gm
 
