@@ -21,7 +21,10 @@ from graphlora.errors import (
 from graphlora.model import LoraModel, MatchedSite
 from graphlora.pipeline import transform
 from graphlora.rules import LoraRule, QuantRule
+from graphlora.io.encodings_file import load_encodings, save_encodings
 from graphlora.trace import trace
+from graphlora.train import TrainResult, train_lora
+from graphlora.workflows import QuantLoraWorkflow, qw_lora, qwa_lora
 
 __version__ = "0.1.0"
 
@@ -62,6 +65,13 @@ __all__ = [
     "read_graph_text",
     "save_graph_text",
     "load_adapter",
+    "QuantLoraWorkflow",
+    "TrainResult",
+    "load_encodings",
+    "qw_lora",
+    "qwa_lora",
+    "save_encodings",
     "trace",
+    "train_lora",
     "transform",
 ]

@@ -15,7 +15,6 @@ import torch
 
 from graphlora import batches as batch_feed
 from graphlora.errors import CalibrationError
-from graphlora.passes.base import PassPipeline
 from graphlora.passes.observers import (
     FreezeObserversPass,
     InsertObserversPass,
@@ -49,9 +48,7 @@ def calibrate(
         remove_fake_quant(gm, targets)
         gm.recompile()
     insert = InsertObserversPass(targets)
-    record = bool(getattr(model, "_record_passes", False))
-    pipeline = PassPipeline([insert], record=record)
-    pipeline(gm)
+    model.run_passes([insert])
     observers = observer_modules(gm)
     wants_lora_weights = targets in ("all", "lora") and any(
         s.rule is not None and s.rule.lora_weight_qtype for s in tagged_sites(gm)
@@ -78,15 +75,12 @@ def calibrate(
                 )
             _sync(observers)
         freeze = FreezeObserversPass()
-        passes = [freeze] + ([lora_weights] if lora_weights is not None else [])
-        after = PassPipeline(passes, record=record)
-        after(gm)
+        model.run_passes([freeze] + ([lora_weights] if lora_weights is not None else []))
     except BaseException:
         _drop_observers(gm)
         raise
     finally:
         model.train(was_training)
-    model.pass_log.extend(pipeline.log + after.log)
     result = dict(freeze.encodings)
     if lora_weights is not None:
         result.update(lora_weights.encodings)

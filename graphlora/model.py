@@ -69,6 +69,7 @@ class LoraModel(nn.Module):
         self._active: list[str] = list(active_adapters)
         self.source: dict[str, Any] = dict(source or {})
         self.pass_log: list[PassRecord] = list(pass_log or [])
+        self._record_passes = False
         self.train(training)
 
     # ------------------------------------------------------------------ running
@@ -202,14 +203,20 @@ class LoraModel(nn.Module):
         return {k: dict(v) for k, v in self._adapters.items()}
 
     def add_adapter(self, name: str, specs: Mapping[str, LoraSpec], *, activate: bool = False) -> None:
-        """Create a new adapter (fresh LoRA weights) on the given module paths."""
+        """Create a new adapter (fresh LoRA weights) on the given module paths.
+
+        Paths may be linear sites no rule matched (an adapter trained elsewhere may target more
+        layers than the rules did); they are tagged with a rule selecting exactly them, appended
+        after the user's rules so first-match-wins still describes the model.
+        """
         if name in self._adapters:
             raise AdapterError(f"adapter {name!r} already exists; delete it first or pick another name")
+        self._tag_unmatched_sites(specs)
         known = {s.module_path for s in tagged_sites(self.graph_module)}
         unknown = sorted(set(specs) - known)
         if unknown:
             raise AdapterError(
-                f"adapter {name!r} targets module paths that are not matched linear sites of this "
+                f"adapter {name!r} targets module paths that are not linear sites of this "
                 f"model: {', '.join(unknown[:5])}"
             )
         self._adapters[name] = dict(specs)
@@ -218,6 +225,45 @@ class LoraModel(nn.Module):
         self._rebuild(self._active)
         if activate:
             self.set_adapter(name)
+
+    def _tag_unmatched_sites(self, specs: Mapping[str, LoraSpec]) -> None:
+        import re
+
+        from graphlora import meta
+        from graphlora.rules import LoraRule
+        from graphlora.sites import find_linear_sites
+
+        gm = self.graph_module
+        tagged = {s.module_path for s in tagged_sites(gm)}
+        untagged: dict[str, list] = {}
+        for site in find_linear_sites(gm):
+            if site.module_path in specs and site.module_path not in tagged and meta.role(site.node) is None:
+                untagged.setdefault(site.module_path, []).append(site)
+        groups: dict[LoraSpec, list[str]] = {}
+        for path in untagged:
+            groups.setdefault(specs[path], []).append(path)
+        rules = list(self.rules)
+        for spec, paths in groups.items():
+            rule = LoraRule(
+                "|".join(re.escape(p) for p in paths),
+                rank=spec.rank,
+                alpha=spec.alpha,
+                dropout=spec.dropout,
+                use_rslora=spec.use_rslora,
+                init=spec.init,
+            )
+            rules.append(rule)
+            for path in paths:
+                for site in untagged[path]:
+                    meta.tag(site.node, "base", module_path=path, site=site.spec, rule=rule,
+                             rule_index=len(rules) - 1)
+        self.rules = tuple(rules)
+
+    def load_adapter(self, adapter_dir, adapter_name: str = DEFAULT_ADAPTER, **kwargs: Any) -> "LoraModel":
+        """Load a PEFT LoRA adapter directory as ``adapter_name`` (see :func:`graphlora.load_adapter`)."""
+        from graphlora.io.lora_io import load_adapter
+
+        return load_adapter(self, adapter_dir, adapter_name=adapter_name, **kwargs)
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Make ``names`` the active adapter(s); their LoRA weights become the trainable ones."""
@@ -275,6 +321,16 @@ class LoraModel(nn.Module):
         if adapter not in self._adapters:
             raise AdapterError(f"unknown adapter {adapter!r}; this model has {sorted(self._adapters)}")
         return adapter
+
+    # ------------------------------------------------------------------ passes
+
+    def run_passes(self, passes, *, record: bool | None = None) -> list[PassRecord]:
+        """Run graph passes on this model's graph (recorded into ``pass_log`` like transform's)."""
+        record = self._record_passes if record is None else record
+        pipeline = PassPipeline(list(passes), record=record)
+        pipeline(self.graph_module)
+        self.pass_log.extend(pipeline.log)
+        return pipeline.log
 
     # ------------------------------------------------------------------ quantization
 
@@ -365,7 +421,10 @@ class LoraModel(nn.Module):
         only_save_adapters: bool = False,
         save_adapters_separately: bool = True,
         max_shard_size: int | str = "5GB",
-        **options: Any,
+        adapter_name: str | None = None,
+        selected_adapters: Sequence[str] | None = None,
+        keep_quantized: bool = False,
+        overwrite: bool = True,
     ):
         """Save in the formats people already load (see :mod:`graphlora.io.lora_io`).
 
@@ -381,19 +440,24 @@ class LoraModel(nn.Module):
             only_save_adapters=only_save_adapters,
             save_adapters_separately=save_adapters_separately,
             max_shard_size=max_shard_size,
-            **options,
+            adapter_name=adapter_name,
+            selected_adapters=selected_adapters,
+            keep_quantized=keep_quantized,
+            overwrite=overwrite,
         )
 
     # ------------------------------------------------------------------ merging
 
-    def merge(self) -> fx.GraphModule:
-        """A plain module computing ``W + scale * B @ A`` for the active adapters, no branches.
+    def merge(self, adapters: Sequence[str] | None = None) -> fx.GraphModule:
+        """A plain module computing ``W + scale * B @ A``, no branches.
 
-        The LoraModel itself is unchanged; unchanged weights are shared, not copied. A quantized
-        base is dequantized into the merged float weight.
+        Merges the active adapters, or the named ``adapters``. The LoraModel itself is unchanged;
+        unchanged weights are shared, not copied. A quantized base is dequantized into the merged
+        float weight.
         """
+        names = list(self._active) if adapters is None else [self._resolve_adapter(a) for a in adapters]
         gm = share_storage_copy(self.graph_module)
-        MergeLoraPass({a: self._adapters[a] for a in self._active})(gm)
+        MergeLoraPass({a: self._adapters[a] for a in names})(gm)
         gm.graph.lint()
         gm.recompile()
         set_training_flags(gm, self.training)

@@ -50,15 +50,21 @@ def build_passes(
     weight_storage: str = "packed",
     calibration_data: Iterable[Any] | None = None,
     progress: bool = True,
+    quantize_weights: bool = True,
 ) -> list[GraphPass]:
     """The default pass list; the quantization passes slot in around the LoRA insertion."""
     from graphlora.passes import quant_passes
 
+    weight_passes = (
+        quant_passes.before_lora(
+            rules, storage=weight_storage, calibration_data=calibration_data, progress=progress
+        )
+        if quantize_weights
+        else []
+    )
     return [
         MatchRulesPass(rules, strict=strict),
-        *quant_passes.before_lora(
-            rules, storage=weight_storage, calibration_data=calibration_data, progress=progress
-        ),
+        *weight_passes,
         _InsertRuleLoraPass(adapter, {}),
         *quant_passes.after_lora(rules),
     ]
@@ -77,6 +83,7 @@ def transform(
     weight_storage: str = "packed",
     calibration_data: Iterable[Any] | None = None,
     progress: bool = True,
+    quantize_weights: bool = True,
 ) -> LoraModel:
     """Trace ``model``, apply ``rules`` and return a trainable :class:`LoraModel`.
 
@@ -88,7 +95,9 @@ def transform(
     Rules with ``weight_qtype`` quantize base weights: ``weight_storage="packed"`` stores integer
     codes (QLoRA), ``"float"`` keeps float weights on the quantization grid (QW-LoRA).
     ``calibration_data`` (batches) is needed by ``weight_calibration="gptq"``. Activation
-    encodings are calibrated afterwards with :func:`graphlora.calibrate`.
+    encodings are calibrated afterwards with :func:`graphlora.calibrate`. With
+    ``quantize_weights=False`` the rules' weight quantization is left for a later, explicit step
+    (the QW-LoRA workflow).
     """
     rules = normalize_rules(rules)
     if not isinstance(model, nn.Module):
@@ -101,6 +110,7 @@ def transform(
         weight_storage=weight_storage,
         calibration_data=calibration_data,
         progress=progress,
+        quantize_weights=quantize_weights,
     )
     pipeline = PassPipeline(passes, record=record)
     gm = pipeline(gm)

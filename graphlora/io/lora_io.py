@@ -63,7 +63,6 @@ from graphlora.io.peft_format import (
 from graphlora.io.safetensors_io import SAFE_WEIGHTS_NAME, write_state_dict
 from graphlora.model import LoraModel
 from graphlora.passes.insert_lora import param_features
-from graphlora.rules import LoraRule
 from graphlora.sites import LinearSite, find_linear_sites, tagged_sites
 from graphlora.trace import TraceMethod
 
@@ -629,7 +628,6 @@ def _install(
         for p, m in adapter.modules.items()
     }
     previous = model.active_adapters
-    _tag_untagged(model, specs, sites)
     if name in model.adapters:
         model.delete_adapter(name)
     model.add_adapter(name, specs)
@@ -653,36 +651,3 @@ def _next_active(previous: list[str], name: str, activate: bool | None) -> list[
     if not activate:
         return [a for a in previous if a != name]
     return previous if name in previous else [name]
-
-
-def _tag_untagged(
-    model: LoraModel, specs: Mapping[str, LoraSpec], sites: Mapping[str, list[LinearSite]]
-) -> None:
-    """Tag the linear sites no rule matched so ``add_adapter`` accepts them.
-
-    The tag is what rule matching would have written for a rule selecting exactly these paths;
-    that rule is appended to ``model.rules`` (after every user rule, so first-match-wins still
-    describes the model: re-running ``transform`` with ``model.rules`` gives the same sites).
-    """
-    tagged = {s.module_path for s in tagged_sites(model.graph_module)}
-    new = [p for p in specs if p not in tagged]
-    if not new:
-        return
-    rules = list(model.rules)
-    for (rank, alpha, dropout, rslora), paths in _group_specs({p: specs[p] for p in new}).items():
-        rule = LoraRule(
-            "|".join(re.escape(p) for p in paths), rank=rank, alpha=alpha, dropout=dropout, use_rslora=rslora
-        )
-        index = len(rules)
-        rules.append(rule)
-        for p in paths:
-            for site in sites[p]:
-                meta.tag(site.node, "base", module_path=p, site=site.spec, rule=rule, rule_index=index)
-    model.rules = tuple(rules)
-
-
-def _group_specs(specs: Mapping[str, LoraSpec]) -> dict[tuple[int, float, float, bool], list[str]]:
-    groups: dict[tuple[int, float, float, bool], list[str]] = {}
-    for path, s in specs.items():
-        groups.setdefault((s.rank, s.alpha, s.dropout, s.use_rslora), []).append(path)
-    return groups

@@ -28,7 +28,6 @@ import torch
 import torch.fx as fx
 
 from graphlora import meta
-from graphlora.errors import CalibrationError
 from graphlora.graph_utils import (
     delete_tensor,
     ensure_container,

@@ -1,0 +1,110 @@
+"""LoRA adapters in onnxruntime's own format, for models exported with ``lora="inputs"``.
+
+Such a model has two graph inputs per LoRA site, ``<site>.lora_A`` = ``A^T`` ``(in, r)`` and
+``<site>.lora_B`` = ``(scale * B)^T`` ``(r, out)`` (the scale is folded in so an adapter is
+self-contained and ranks may differ between adapters), initialised with the adapter that was
+active at export. An onnxruntime adapter file (``onnxruntime.AdapterFormat``) holds the same
+tensors under the same names; activating one for a run feeds them instead::
+
+    sess = graphlora.onnx.InferenceSession("model.onnx")
+    adapter = onnxruntime.LoraAdapter(); adapter.Load("legal.onnx_adapter")
+    options = onnxruntime.RunOptions(); options.add_active_adapter(adapter)
+    sess.run(None, feeds, options)          # or sess.run_with_adapter(None, feeds, adapter)
+
+No re-export, no session rebuild; the base weights are shared by every adapter.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from graphlora.errors import AdapterError, ExportError
+from graphlora.io.atomic import atomic_path
+
+ADAPTER_SUFFIX = ".onnx_adapter"
+
+
+def adapter_tensors(lora_model, adapter: str | None = None) -> dict[str, np.ndarray]:
+    """One adapter's tensors under the ``lora="inputs"`` input names, as float32 arrays."""
+    from graphlora.onnx.prepare import adapter_arrays
+
+    return {k: v.detach().cpu().float().numpy() for k, v in adapter_arrays(lora_model, adapter).items()}
+
+
+def write_adapter(
+    source,
+    path: str | os.PathLike,
+    adapter: str | None = None,
+    *,
+    adapter_version: int = 1,
+    model_version: int = 1,
+) -> Path:
+    """Write an onnxruntime adapter file (atomically).
+
+    ``source`` is a :class:`~graphlora.LoraModel` (``adapter`` picks which of its adapters; default
+    the active one) or a mapping of input name -> array already in the ``lora="inputs"`` layout.
+    """
+    import onnxruntime as ort
+
+    if isinstance(source, Mapping):
+        tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in source.items()}
+    else:
+        tensors = adapter_tensors(source, adapter)
+    if not tensors:
+        raise ExportError("the adapter has no LoRA tensors to write")
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(int(adapter_version))
+    fmt.set_model_version(int(model_version))
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in tensors.items()})
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fmt.export_adapter(os.fspath(tmp))
+    return path
+
+
+def read_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of an onnxruntime adapter file."""
+    import onnxruntime as ort
+
+    if not Path(path).is_file():
+        raise AdapterError(f"no adapter file at {path}")
+    fmt = ort.AdapterFormat.read_adapter(os.fspath(path))
+    return {k: v.numpy() for k, v in fmt.get_parameters().items()}
+
+
+def load_adapter(adapter):
+    """An ``onnxruntime.LoraAdapter`` from a path (a loaded adapter is returned as is)."""
+    import onnxruntime as ort
+
+    if isinstance(adapter, ort.LoraAdapter):
+        return adapter
+    path = Path(adapter)
+    if not path.is_file():
+        raise AdapterError(f"no onnxruntime adapter file at {path}")
+    loaded = ort.LoraAdapter()
+    loaded.Load(os.fspath(path))
+    return loaded
+
+
+def check_adapter(model_path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
+    """Raise an AdapterError when ``tensors`` do not fit the LoRA inputs of an exported model."""
+    import onnx
+
+    model = onnx.load(os.fspath(model_path), load_external_data=False)
+    inputs = {i.name: i for i in model.graph.input}
+    problems = []
+    for name, array in tensors.items():
+        spec = inputs.get(name)
+        if spec is None:
+            problems.append(f"{name}: not an input of the model")
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None
+                for d in spec.type.tensor_type.shape.dim]
+        if len(dims) != array.ndim or any(d is not None and d != s for d, s in zip(dims, array.shape)):
+            problems.append(f"{name}: shape {tuple(array.shape)} does not fit {dims}")
+    if problems:
+        raise AdapterError(f"adapter does not fit {model_path}: " + "; ".join(problems[:5]))

@@ -1,0 +1,411 @@
+"""``export_onnx``: a graphlora model as standard ONNX QDQ that onnxruntime accelerates.
+
+The pipeline, each step in its own module:
+
+1. :mod:`~graphlora.onnx.prepare` — an eval-mode, storage-sharing copy of the graph, LoRA merged /
+   kept as a branch / turned into named weights, every quantized weight a ``graphlora::dequantize*``;
+2. ``torch.onnx.export(dynamo=True)`` with :mod:`~graphlora.onnx.dialect`'s translation table —
+   graphlora ops become ``pkg.graphlora`` nodes; onnxscript's optimizer cleans the graph (it
+   folds no Q/DQ and does not touch dialect nodes);
+3. :mod:`~graphlora.onnx.lowering` — dialect nodes become QuantizeLinear/DequantizeLinear (and
+   MatMulBnb4 for NF4), with initializers typed and laid out for onnxruntime's fusions;
+4. ``onnx.checker.check_model(full_check=True)`` and an atomic save (external data beyond 2 GB).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from graphlora.errors import ExportError, MissingDependencyError
+from graphlora.io.atomic import atomic_path, atomic_write
+from graphlora.onnx.prepare import LORA_MODES, LoraInput, prepare
+
+log = logging.getLogger("graphlora.onnx")
+
+DEFAULT_OPSET = 21
+IR_VERSION = 10  # opset 21's IR version: the widest onnxruntime support
+TWO_GB = 2**31
+_EXTERNAL_MARGIN = 64 * 2**20  # protobuf's limit includes the graph itself
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx` wrote."""
+
+    path: Path
+    lora: str
+    opset: int
+    external_data: Path | None = None
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    lora_inputs: list[LoraInput] = field(default_factory=list)
+    adapter: str | None = None
+    quantized_weights: dict[str, str] = field(default_factory=dict)
+    quantized_activations: int = 0
+    contrib_ops: list[str] = field(default_factory=list)
+    unfused: list[str] = field(default_factory=list)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_args: tuple = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    lora: str = "merged",
+    opset: int = DEFAULT_OPSET,
+    dynamic_shapes: Any = None,
+    external_data: bool | None = None,
+) -> OnnxExport:
+    """Export a :class:`~graphlora.LoraModel` (or a graphlora GraphModule) to ONNX at ``path``.
+
+    ``lora``: ``"merged"`` (delta folded into the base weight before it is quantized),
+    ``"branch"`` (quantized base plus the LoRA branch as its own small MatMuls) or ``"inputs"``
+    (LoRA weights as named graph inputs initialised with the active adapter, switchable at run
+    time with onnxruntime adapters; see :func:`graphlora.onnx.write_adapter`).
+    ``dynamic_shapes`` follows ``torch.export``; by default every input dimension except the
+    feature dimension of float inputs is dynamic and the first two are named ``batch`` and
+    ``sequence``. ``external_data``: None = only when the model exceeds protobuf's 2 GB limit.
+    Nothing is written unless the whole export succeeds.
+    """
+    _require_onnx()
+    gm = _graph_module(model)
+    if lora not in LORA_MODES:
+        raise ExportError(f"unknown lora mode {lora!r}; use one of {', '.join(LORA_MODES)}")
+    if not isinstance(opset, int) or opset < 18:
+        raise ExportError(f"opset {opset!r} is not supported; graphlora exports opset 18..21 "
+                          "(int4/uint4 and int16 need 21, fp8 needs 19)")
+    if opset > DEFAULT_OPSET:
+        raise ExportError(f"opset {opset} is newer than graphlora's lowering (max {DEFAULT_OPSET})")
+    if not isinstance(example_args, tuple):
+        example_args = (example_args,)
+    example_kwargs = dict(example_kwargs or {})
+    if not example_args and not example_kwargs:
+        raise ExportError("export_onnx needs example inputs (example_args / example_kwargs), the "
+                          "same structure the model was traced with")
+
+    from graphlora.onnx.lowering import required_opset
+
+    prepared = prepare(gm, lora)
+    too_new = [(where, need) for where, need in required_opset(prepared.graph_module) if need > opset]
+    if too_new:
+        where, need = too_new[0]
+        raise ExportError(
+            f"opset {opset} cannot express {where}: it needs opset >= {need} "
+            f"({len(too_new)} tensor(s) affected); export with opset={DEFAULT_OPSET}"
+        )
+    onnx_model = _to_onnx(prepared.graph_module, example_args, example_kwargs, opset, dynamic_shapes)
+    if lora == "inputs":
+        _promote_lora_inputs(onnx_model, prepared.lora_inputs)
+    _optimize(onnx_model)
+    from graphlora.onnx.lowering import lower_model
+
+    report = lower_model(onnx_model, opset=opset)
+    if report.unfused:
+        from graphlora.errors import GraphloraWarning
+
+        warnings.warn(
+            f"{len(report.unfused)} MatMul(s) read a 4-bit weight and a quantized activation "
+            f"(first: {report.unfused[0]}); onnxruntime has no static W4A8 kernel, so they run "
+            "in float. For onnxruntime's fused 4-bit MatMul export without act_qtype on these "
+            "sites (accuracy_level=4 quantizes activations to int8 dynamically instead).",
+            GraphloraWarning, stacklevel=2,
+        )
+    if dynamic_shapes is None:
+        _name_dynamic_dims(onnx_model, example_args, example_kwargs, prepared.graph_module)
+    _name_outputs(onnx_model, prepared.graph_module)
+    _finalise(onnx_model, opset, lora, prepared)
+    result = OnnxExport(
+        path=Path(path), lora=lora, opset=opset, lora_inputs=prepared.lora_inputs,
+        adapter=prepared.adapter, quantized_weights=report.weights,
+        quantized_activations=report.activations, contrib_ops=sorted(set(report.contrib_ops)),
+        unfused=report.unfused,
+        inputs=[v.name for v in onnx_model.graph.inputs],
+        outputs=[v.name for v in onnx_model.graph.outputs],
+    )
+    result.external_data = save_model(onnx_model, path, external_data=external_data)
+    return result
+
+
+# ------------------------------------------------------------------------------ steps
+def _graph_module(model: nn.Module) -> fx.GraphModule:
+    from graphlora.model import LoraModel
+
+    if isinstance(model, LoraModel):
+        return model.graph_module
+    if isinstance(model, fx.GraphModule):
+        return model
+    raise ExportError(
+        f"export_onnx needs a graphlora LoraModel (from graphlora.transform) or a GraphModule "
+        f"(e.g. LoraModel.merge()), got {type(model).__name__}"
+    )
+
+
+def default_dynamic_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict | None:
+    """``Dim.AUTO`` for every dimension except the last (feature) one of float inputs."""
+    from torch.export import Dim
+
+    def spec(value):
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0:
+                return None
+            dims = range(value.dim() - 1) if value.is_floating_point() else range(value.dim())
+            return {i: Dim.AUTO for i in dims} or None
+        if isinstance(value, (list, tuple)):
+            return type(value)(spec(v) for v in value)
+        if isinstance(value, dict):
+            return {k: spec(v) for k, v in value.items()}
+        return None
+
+    try:
+        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"example inputs do not fit the model's forward: {exc}") from None
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def _to_onnx(gm: fx.GraphModule, args: tuple, kwargs: dict, opset: int, dynamic_shapes):
+    from graphlora.onnx.dialect import translation_table
+
+    shapes = dynamic_shapes if dynamic_shapes is not None else default_dynamic_shapes(gm, args, kwargs)
+    buffer = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buffer):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                gm, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
+                optimize=False, custom_translation_table=translation_table(),
+                dynamic_shapes=shapes, verbose=False, report=False,
+            )
+    except ExportError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        summary = next((ln for ln in reversed(text) if ln.strip() and not ln.startswith("(")),
+                       type(exc).__name__)
+        raise ExportError(f"torch.onnx.export failed: {summary}") from exc
+    return program.model
+
+
+def _promote_lora_inputs(model, lora_inputs: list[LoraInput]) -> None:
+    """LoRA weights become graph inputs that keep their initializer as the default value
+    (ONNX "overridable initializers"): the model runs as exported, adapters override them."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    for item in lora_inputs:
+        value = graph.initializers.get(item.buffer)
+        if value is None:
+            raise ExportError(f"lora='inputs': LoRA weight {item.buffer!r} is missing from the "
+                              "exported graph (was the branch optimised away?)")
+        del graph.initializers[item.buffer]
+        value.name = item.name
+        if value.const_value is not None:
+            value.const_value.name = item.name
+        dims = list(value.shape)
+        dims[item.rank_axis] = ir.SymbolicDim(f"{item.module_path}.rank")
+        value.shape = ir.Shape(dims)
+        graph.register_initializer(value)
+        graph.inputs.append(value)
+
+
+def _optimize(model) -> None:
+    import onnxscript.optimizer
+
+    buffer = io.StringIO()
+    quiet = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript")]
+    levels = [q.level for q in quiet]
+    try:
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buffer):
+            warnings.simplefilter("ignore")
+            onnxscript.optimizer.optimize(model)
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
+def _name_dynamic_dims(model, args: tuple, kwargs: dict, gm: fx.GraphModule) -> None:
+    """Rename the exporter's symbols (``s77``) of input dims 0/1 to ``batch``/``sequence``."""
+    import onnx_ir as ir
+
+    try:
+        bound = inspect.signature(gm.forward).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return
+    rename: dict[str, str] = {}
+    for value in model.graph.inputs:
+        example = bound.get(value.name)
+        if not isinstance(example, torch.Tensor) or value.shape is None:
+            continue
+        for axis, label in ((0, "batch"), (1, "sequence")):
+            if axis >= len(value.shape):
+                continue
+            if axis == 1 and example.is_floating_point() and example.dim() < 3:
+                continue
+            dim = value.shape[axis]
+            if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in rename:
+                if label not in rename.values():
+                    rename[dim.value] = label
+    if not rename:
+        return
+
+    def fix(value) -> None:
+        if value is None or value.shape is None:
+            return
+        dims = [ir.SymbolicDim(rename[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in rename
+                else d for d in value.shape]
+        value.shape = ir.Shape(dims)
+
+    for value in model.graph.inputs:
+        fix(value)
+    for value in model.graph.outputs:
+        fix(value)
+    for node in model.graph.all_nodes():
+        for out in node.outputs:
+            fix(out)
+
+
+def output_names(gm: fx.GraphModule) -> list[str] | None:
+    """Names of the model's outputs from its pytree output spec (``last_hidden_state``, ...)."""
+    from torch.utils import _pytree as pytree
+
+    spec = getattr(gm, "_out_spec", None)
+    if spec is None:
+        return None
+    structure = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    names = []
+    for path, _ in pytree.tree_flatten_with_path(structure)[0]:
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        names.append(".".join(parts))
+    if all(n.isdigit() or n == "" for n in names):
+        names = ["output"] if len(names) == 1 else [f"output_{i}" for i in range(len(names))]
+    return names
+
+
+def _name_outputs(model, gm: fx.GraphModule) -> None:
+    names = output_names(gm)
+    outputs = model.graph.outputs
+    if not names or len(names) != len(outputs) or len(set(names)) != len(names):
+        return
+    taken = {v.name for n in model.graph for v in n.outputs} | set(model.graph.initializers)
+    taken |= {v.name for v in model.graph.inputs}
+    for value, name in zip(outputs, names):
+        if value.name == name:
+            continue
+        if name in taken or value.is_graph_input() or value.is_initializer():
+            continue
+        value.name = name
+
+
+def _finalise(model, opset: int, lora: str, prepared) -> None:
+    import graphlora
+
+    model.opset_imports[""] = opset
+    model.graph.opset_imports[""] = opset
+    model.ir_version = IR_VERSION if opset >= 21 else min(IR_VERSION, 9)
+    model.producer_name = "graphlora"
+    model.producer_version = getattr(graphlora, "__version__", "")
+    model.metadata_props["graphlora.lora"] = lora
+    if prepared.adapter is not None:
+        model.metadata_props["graphlora.adapter"] = prepared.adapter
+    if prepared.lora_inputs:
+        model.metadata_props["graphlora.lora_inputs"] = json.dumps(
+            [{"name": i.name, "module_path": i.module_path, "which": i.which}
+             for i in prepared.lora_inputs]
+        )
+
+
+# ------------------------------------------------------------------------------ saving
+def _model_bytes(model) -> int:
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += int(tensor.nbytes)
+    return total
+
+
+def save_model(model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path | None:
+    """Check and write an ``onnx_ir`` model atomically; returns the external data file, if any.
+
+    With external data the tensors go to ``<name>.<token>.data`` first (a fresh name, so a
+    reader of the previous model never sees it change), then the model file is renamed into
+    place — the commit point — and older ``<name>.*.data`` files are removed.
+    """
+    import onnx
+    import onnx_ir as ir
+
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"export path {path} is a directory; give a file name like model.onnx")
+    use_external = bool(external_data) if external_data is not None else (
+        _model_bytes(model) > TWO_GB - _EXTERNAL_MARGIN)
+    if not use_external:
+        proto = ir.serde.serialize_model(model)
+        _check(proto)
+        with atomic_write(path) as fh:
+            fh.write(proto.SerializeToString())
+        return None
+    import secrets
+
+    data_name = f"{path.name}.{secrets.token_hex(4)}.data"
+    data_path = path.parent / data_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    committed = False
+    try:
+        with atomic_path(path) as tmp:
+            ir.save(model, tmp, external_data=data_name)
+            _fsync(data_path)
+            _check(str(tmp))
+        committed = True
+    finally:
+        if not committed:
+            with contextlib.suppress(FileNotFoundError):
+                data_path.unlink()
+    for stale in path.parent.glob(f"{path.name}.*.data"):
+        if stale.name != data_name:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    del onnx
+    return data_path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check(model_or_path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(model_or_path, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"the exported model fails onnx.checker (full_check): {exc}") from exc
+
+
+def _require_onnx() -> None:  # pragma: no cover - the venv has them
+    for pkg in ("onnx", "onnxscript", "onnx_ir"):
+        try:
+            __import__(pkg)
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"ONNX export needs the package '{pkg}': pip install {pkg}") from exc
