@@ -97,6 +97,14 @@ class QuantLoraWorkflow:
             from graphlora.io.encodings_file import load_encodings
 
             encodings = load_encodings(encodings)
+        if encodings is not None:
+            # a full encodings file also holds activations and LoRA weights: step 1 takes the
+            # base weights only (unknown weight names still fail loudly in the pass)
+            encodings = {
+                k: v
+                for k, v in encodings.items()
+                if v.shape and not k.endswith((".lora_A.weight", ".lora_B.weight"))
+            }
         passes: list[GraphPass] = []
         if method is not None:
             passes.append(RetagRulesPass({"weight_calibration": method}))

@@ -48,16 +48,17 @@ class InsertLoraPass(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         mode = fake_mode(gm)
         modified = False
+        rank_vals: dict = {}  # fake values of rank-r intermediates, shared across like shapes
         for site in tagged_sites(gm):
             spec = self.specs.get(site.module_path)
             if spec is None:
                 continue
-            _insert_branch(gm, site, self.adapter, spec, self.training, mode)
+            _insert_branch(gm, site, self.adapter, spec, self.training, mode, rank_vals)
             modified = True
         return PassResult(gm, modified)
 
 
-def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training: bool, mode) -> None:
+def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training: bool, mode, rank_vals: dict) -> None:
     graph = gm.graph
     in_f, out_f = param_features(site)
     dtype = getattr(torch, site.spec.weight_dtype)
@@ -76,28 +77,37 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
     x = site.input
     new_nodes = [a_w, b_w]
 
-    def emit(target, args, role):
+    def emit(target, args, role, like=None, rank_key=None):
         nonlocal cursor
+        val = rank_vals.get(rank_key) if rank_key is not None else None
         with graph.inserting_after(cursor):
-            node = insert_call(graph, target, args, role=role, mode=mode, **tags)
+            node = insert_call(graph, target, args, role=role, mode=mode, val_like=like, val=val, **tags)
+        if rank_key is not None and "val" in node.meta:
+            rank_vals.setdefault(rank_key, node.meta["val"])
         new_nodes.append(node)
         cursor = node
         return node
 
-    if spec.dropout > 0:
-        x = emit(aten.dropout.default, (x, float(spec.dropout), training), "lora_dropout")
+    x_val = x.meta.get("val")
+    rank_key = None
+    if isinstance(x_val, torch.Tensor):
+        rank_key = (str(tuple(x_val.shape)), x_val.dtype, str(x_val.device), spec.rank)
+
     # The scale multiplies the rank-r intermediate rather than the (.., out) result: the same
     # function as PEFT's ``B(A(x)) * scale`` up to float rounding, at r/out of the cost (in
-    # backward too).
+    # backward too). Shapes: dropout/mul keep their input's, the branch output is the base
+    # output's, so only the rank-r tensor needs a fake value of its own.
+    if spec.dropout > 0:
+        x = emit(aten.dropout.default, (x, float(spec.dropout), training), "lora_dropout", like=x)
     if site.spec.use_layout == site.spec.param_layout:
-        h = emit(aten.linear.default, (x, a_w), "lora_a")
-        h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale")
-        h = emit(aten.linear.default, (h, b_w), "lora_b")
+        h = emit(aten.linear.default, (x, a_w), "lora_a", rank_key=rank_key)
+        h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
+        h = emit(aten.linear.default, (h, b_w), "lora_b", like=out)
     else:  # the transposed delta: x @ (B A)
         h = emit(aten.matmul.default, (x, b_w), "lora_b")
-        h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale")
-        h = emit(aten.matmul.default, (h, a_w), "lora_a")
-    total = emit(aten.add.Tensor, (out, h), "lora_add")
+        h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
+        h = emit(aten.matmul.default, (h, a_w), "lora_a", like=out)
+    total = emit(aten.add.Tensor, (out, h), "lora_add", like=out)
     copy_stack(out, *new_nodes)
     out.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
 
