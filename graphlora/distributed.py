@@ -38,6 +38,7 @@ Saving
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import operator
@@ -133,11 +134,12 @@ def sync_stats(objs: Any, group: Any = None) -> None:
     have after observing every rank's data. A no-op without an initialised process group.
     """
     objects = _stat_objects(objs)
-    if not is_initialized() or not objects or dist.get_world_size(group) == 1:
-        return
     plans = [_reduce_plan(o) for o in objects]
+    if not is_initialized() or dist.get_world_size(group) == 1:
+        return
+    # even with nothing to reduce: a rank with no objects must not leave the others hanging
     _check_same_on_all_ranks(objects, plans, group)
-    for k in range(max(len(p) for p in plans)):
+    for k in range(max((len(p) for p in plans), default=0)):
         members = [(o, plan[k]) for o, plan in zip(objects, plans) if k < len(plan)]
         reduced = _all_reduce_phase(members, group)
         for (obj, _), state in zip(members, reduced):
@@ -342,46 +344,53 @@ class _Split:
     blocks: dict[str, fx.Graph]
 
 
-def _under(path: str | None, prefix: str) -> bool:
-    return path is not None and (path == prefix or path.startswith(prefix + "."))
+class _BlockIndex:
+    """Which block a module path or a tensor attribute belongs to (a prefix lookup, so the cost
+    per node is the depth of its path, not the number of blocks)."""
+
+    def __init__(self, blocks: Iterable[str]):
+        self.blocks = set(blocks)
+
+    def of_path(self, path: str | None) -> str | None:
+        if not path:
+            return None
+        parts = path.split(".")
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if prefix in self.blocks:
+                return prefix
+        return None
+
+    def of_attr(self, target: str) -> tuple[str | None, str | None]:
+        """(block, adapter) owning the tensor at ``target``: a block's own tensors, or LoRA
+        factors ``graphlora_adapters.<adapter>.<block path>...`` (adapter is None for those)."""
+        if target.startswith(ADAPTERS_ROOT + "."):
+            _, adapter, rest = (target.split(".", 2) + ["", ""])[:3]
+            return self.of_path(rest), adapter
+        return self.of_path(target), None
 
 
-def _owned_prefixes(block: str, adapters: Iterable[str]) -> list[str]:
-    """Attribute prefixes whose tensors belong to a block's FSDP group (base and LoRA trees)."""
-    return [block] + [f"{ADAPTERS_ROOT}.{a}.{block}" for a in adapters]
-
-
-def _assign_nodes(graph: fx.Graph, blocks: Sequence[str]) -> dict[fx.Node, str | None]:
+def _assign_nodes(graph: fx.Graph, index: _BlockIndex) -> dict[fx.Node, str | None]:
     """Which block each node runs in (None: the root graph).
 
     Computations go by module path; a node without one takes the block of its neighbours when
     both agree. A ``get_attr`` goes into a block when every user is in that block (it is read
     right where it is used, after FSDP gathered it); otherwise it stays in the root.
     """
-    def block_of(path: str | None) -> str | None:
-        for b in blocks:
-            if _under(path, b):
-                return b
-        return None
-
     nodes = list(graph.nodes)
-    where: dict[fx.Node, str | None] = {}
+    where: dict[fx.Node, str | None] = {n: None for n in nodes}
+    known: list[int] = []
     unknown: list[int] = []
     for i, node in enumerate(nodes):
         if node.op in ("placeholder", "output", "get_attr"):
-            where[node] = None
             continue
         path = _node_path(node)
-        if path is None:
-            unknown.append(i)
-        where[node] = block_of(path)
-    compute = [i for i, n in enumerate(nodes) if n.op not in ("placeholder", "output", "get_attr")]
-    known = [i for i in compute if i not in set(unknown)]
+        (known if path is not None else unknown).append(i)
+        where[node] = index.of_path(path)
     for i in unknown:
-        before = [j for j in known if j < i]
-        after = [j for j in known if j > i]
-        if before and after and where[nodes[before[-1]]] == where[nodes[after[0]]]:
-            where[nodes[i]] = where[nodes[before[-1]]]
+        k = bisect.bisect_left(known, i)
+        if 0 < k < len(known) and where[nodes[known[k - 1]]] == where[nodes[known[k]]]:
+            where[nodes[i]] = where[nodes[known[k]]]
     for node in nodes:
         if node.op == "get_attr" and node.users:
             owners = {where[u] for u in node.users}
@@ -390,80 +399,124 @@ def _assign_nodes(graph: fx.Graph, blocks: Sequence[str]) -> dict[fx.Node, str |
     return where
 
 
-def _split_graph(
-    flat: fx.Graph,
-    blocks: Sequence[str],
-    adapters: Sequence[str],
-    containers: Mapping[str, Sequence[str]],
-) -> _Split:
+def _split_graph(flat: fx.Graph, blocks: Sequence[str], containers: Mapping[str, Sequence[str]]) -> _Split:
     """Cut ``flat`` into per-block subgraphs plus a root graph calling them (``call_module``).
 
     Every graph addresses tensors and modules relative to the GraphModule itself (the blocks'
     code runs with ``self`` = the GraphModule), so no attribute is renamed. A block's subgraph
     first calls its adapter containers (``containers[block]``): FSDP finishes a group's forward
-    when every module of the group has run, and only then reshards it after the block.
-    Raises :class:`DistributedError` when a block's tensors are read outside the block or the
-    block's nodes are interleaved with the root's (the block cannot run as one call).
+    when every module of the group has run, and only then reshards it after the block. Root
+    code that uses a block's values is moved after the block's call when the block does not
+    depend on it. Raises :class:`DistributedError` when a block's tensors are read outside the
+    block or the block's computation depends on root code that depends on the block.
     """
-    where = _assign_nodes(flat, blocks)
+    index = _BlockIndex(blocks)
+    where = _assign_nodes(flat, index)
+    nodes = list(flat.nodes)
+    _check_block_tensors_stay_inside(nodes, where, index)
     members: dict[str, list[fx.Node]] = {b: [] for b in blocks}
-    for node in flat.nodes:
-        if where[node] is not None:
-            members[where[node]].append(node)
-    for node in flat.nodes:
-        if node.op == "get_attr" and where[node] is None and node.users:
-            for b in blocks:
-                if any(_under(str(node.target).rpartition(".")[0] or str(node.target), p) for p in _owned_prefixes(b, adapters)):
-                    users = sorted({where[u] or "<root>" for u in node.users})
-                    raise DistributedError(
-                        f"{node.target} belongs to block {b!r} but is also used outside it (by "
-                        f"{', '.join(users)}): FSDP only gathers a block's tensors while the block runs. "
-                        "Pass blocks=[...] without this block, or untie the weight"
-                    )
-    last = {b: max((i for i, n in enumerate(flat.nodes) if where[n] == b and n.op != "get_attr"), default=-1) for b in blocks}
-    empty = [b for b in blocks if last[b] < 0]
+    last: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        b = where[node]
+        if b is not None:
+            members[b].append(node)
+            if node.op != "get_attr":
+                last[b] = i
+    empty = [b for b in blocks if b not in last]
     if empty:
         raise DistributedError(
             f"no graph node runs in block(s) {', '.join(empty)}: these module paths are not "
             "blocks of this graph (see graphlora.distributed.find_transformer_blocks)"
         )
-
     subgraphs: dict[str, fx.Graph] = {}
     interfaces: dict[str, tuple[list[fx.Node], list[fx.Node]]] = {}
     for b in blocks:
-        graph, inputs, outputs = _block_graph(b, members[b], where, containers.get(b, ()))
-        subgraphs[b] = graph
-        interfaces[b] = (inputs, outputs)
+        subgraphs[b], *io = _block_graph(b, members[b], where, containers.get(b, ()))
+        interfaces[b] = (io[0], io[1])
+    root = _root_graph(flat, nodes, where, {i: b for b, i in last.items()}, interfaces)
+    return _Split(root=root, blocks=subgraphs)
 
+
+def _check_block_tensors_stay_inside(nodes: Sequence[fx.Node], where: Mapping[fx.Node, str | None], index: _BlockIndex) -> None:
+    """A block's tensors are gathered only while the block runs: reading one elsewhere (a weight
+    tied across blocks or with the head) would read a shard."""
+    for node in nodes:
+        if node.op != "get_attr" or not node.users:
+            continue
+        owner, _ = index.of_attr(str(node.target))
+        if owner is not None and where[node] != owner:
+            users = sorted({where[u] or "<root>" for u in node.users})
+            raise DistributedError(
+                f"{node.target} belongs to block {owner!r} but is also used outside it (by "
+                f"{', '.join(users)}): FSDP gathers a block's tensors only while the block runs. "
+                "Pass blocks=[...] without this block, or untie the weight"
+            )
+
+
+def _root_graph(
+    flat: fx.Graph,
+    nodes: Sequence[fx.Node],
+    where: Mapping[fx.Node, str | None],
+    call_at: Mapping[int, str],
+    interfaces: Mapping[str, tuple[list[fx.Node], list[fx.Node]]],
+) -> fx.Graph:
+    """The flat graph with each block's nodes replaced by one ``call_module`` at the position of
+    the block's last node; root nodes waiting for a block's values follow its call."""
     root = fx.Graph()
     root._codegen = flat._codegen
     env: dict[fx.Node, fx.Node] = {}
-    call_at = {i: b for b, i in last.items()}
+    waiting: list[fx.Node] = []
 
-    def lookup(node: fx.Node) -> fx.Node:
-        if node not in env:
-            raise DistributedError(
-                f"node {node.name} of block {where[node]!r} is used by the root graph before the "
-                "block finishes: the block's computation is interleaved with code outside it, so it "
-                "cannot run as one FSDP unit. Pass blocks=[...] with coarser blocks"
-            )
-        return env[node]
+    def ready(node: fx.Node) -> bool:
+        return all(a in env for a in node.all_input_nodes)
 
-    for i, node in enumerate(flat.nodes):
-        if where[node] is None:
-            env[node] = root.node_copy(node, lookup)
+    def flush() -> None:
+        progress = True
+        while progress:
+            progress = False
+            for node in list(waiting):
+                if ready(node):
+                    env[node] = root.node_copy(node, env.__getitem__)
+                    waiting.remove(node)
+                    progress = True
+
+    output: fx.Node | None = None
+    for i, node in enumerate(nodes):
+        if node.op == "output":
+            output = node
+        elif where[node] is None:
+            if ready(node):
+                env[node] = root.node_copy(node, env.__getitem__)
+            else:
+                waiting.append(node)
         if i in call_at:
-            b = call_at[i]
-            inputs, outputs = interfaces[b]
-            call = root.call_module(b, tuple(lookup(n) for n in inputs))
-            call.meta["graphlora_block"] = b
+            block = call_at[i]
+            inputs, outputs = interfaces[block]
+            missing = [n for n in inputs if n not in env]
+            if missing:
+                raise DistributedError(
+                    f"block {block!r} uses {missing[0].name}, which is computed outside the block from "
+                    "the block's own values: the block's computation is interleaved with code outside "
+                    "it, so it cannot run as one FSDP unit. Pass blocks=[...] with coarser blocks"
+                )
+            call = root.call_module(block, tuple(env[n] for n in inputs))
+            call.meta["graphlora_block"] = block
             for j, out in enumerate(outputs):
                 item = root.call_function(operator.getitem, (call, j))
                 if "val" in out.meta:
                     item.meta["val"] = out.meta["val"]
                 env[out] = item
+            flush()
+    flush()
+    if waiting:
+        raise DistributedError(
+            f"could not place {waiting[0].name} in the root graph after splitting the blocks; "
+            "pass blocks=[...] with coarser blocks"
+        )
+    if output is not None:
+        root.node_copy(output, env.__getitem__)
     root.lint()
-    return _Split(root=root, blocks=subgraphs)
+    return root
 
 
 def _block_graph(
@@ -514,38 +567,34 @@ class _ShardedExecution:
         self.owner = weakref.ref(gm)
         self.blocks = list(blocks)
         self.containers = {b: list(c) for b, c in containers.items()}
-        self.adapters = sorted({p.split(".")[1] for c in containers.values() for p in c})
         self.code: str | None = None
         self.root_fn: Callable[..., Any] | None = None
         self.rebuild(gm)
 
     def rebuild(self, gm: fx.GraphModule) -> None:
-        self._check_adapters(gm)
-        split = _split_graph(gm.graph, self.blocks, self.adapters, self.containers)
+        _check_adapters_sharded(gm.graph, self.blocks, self.containers)
+        split = _split_graph(gm.graph, self.blocks, self.containers)
         for b, graph in split.blocks.items():
-            fn = _compile(graph, b)
             # bound to the GraphModule: the block's code reads absolute attribute paths
-            gm.get_submodule(b).__dict__["forward"] = types.MethodType(fn, gm)
+            gm.get_submodule(b).__dict__["forward"] = types.MethodType(_compile(graph, b), gm)
         self.root_fn = _compile(split.root, "root")
         self.code = gm.code
 
-    def _check_adapters(self, gm: fx.GraphModule) -> None:
-        """LoRA weights created after sharding are in no FSDP group: their gradients would never
-        be reduced across ranks. Refuse instead of training silently apart."""
-        for node in gm.graph.nodes:
-            if node.op != "get_attr" or not str(node.target).startswith(ADAPTERS_ROOT + "."):
-                continue
-            target = str(node.target)
-            adapter = target.split(".")[1]
-            for b in self.blocks:
-                if _under(target.partition(f"{ADAPTERS_ROOT}.{adapter}.")[2].rpartition(".")[0], b) and (
-                    f"{ADAPTERS_ROOT}.{adapter}.{b}" not in self.containers.get(b, [])
-                ):
-                    raise DistributedError(
-                        f"adapter {adapter!r} was created or activated after shard_lora_model(); its LoRA "
-                        f"weights in block {b!r} are not sharded with the block. Add and activate adapters "
-                        "before sharding"
-                    )
+
+def _check_adapters_sharded(graph: fx.Graph, blocks: Sequence[str], containers: Mapping[str, Sequence[str]]) -> None:
+    """LoRA weights created after sharding are in no FSDP group: their gradients would never be
+    reduced across ranks. Refuse instead of letting the ranks train apart."""
+    index = _BlockIndex(blocks)
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        block, adapter = index.of_attr(str(node.target))
+        if block is not None and adapter is not None and f"{ADAPTERS_ROOT}.{adapter}.{block}" not in containers.get(block, ()):
+            raise DistributedError(
+                f"adapter {adapter!r} was created after shard_lora_model(): its LoRA weights in block "
+                f"{block!r} are not sharded with the block, so their gradients would not be reduced "
+                "across ranks. Add adapters before sharding"
+            )
 
 
 def _sharded_forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
@@ -618,7 +667,7 @@ def shard_lora_model(
     _check_block_paths(gm, paths)
     containers = _adapter_containers(gm, paths)
     # validate the split before touching the model, so a failure leaves it unsharded
-    _split_graph(gm.graph, paths, sorted({p.split(".")[1] for c in containers.values() for p in c}), containers)
+    _split_graph(gm.graph, paths, containers)
 
     ignored = _ignored_parameters(model, shard_frozen)
     options: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
