@@ -75,16 +75,9 @@ class LoraModel(nn.Module):
     # ------------------------------------------------------------------ running
 
     def forward(self, *args, **kwargs):
-        constants = self.graph_module.meta.get("graphlora_constant_kwargs", {})
-        for name, traced in constants.items():
-            if name not in kwargs:
-                kwargs[name] = traced
-            elif kwargs[name] != traced:
-                raise InputError(
-                    f"{name}={kwargs[name]!r} differs from the value the graph was traced with "
-                    f"({name}={traced!r}); Python constants are fixed at trace time: transform "
-                    f"again with example_kwargs={{..., {name!r}: {kwargs[name]!r}}}"
-                )
+        call = self.graph_module.meta.get("graphlora_call")
+        if call is not None:
+            args, kwargs = call.normalize(args, kwargs)
         try:
             return self.graph_module(*args, **kwargs)
         except Exception as exc:

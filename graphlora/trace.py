@@ -98,11 +98,7 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
     gm = exported.module()
     _freeze_parameters(gm)
     gm.meta["graphlora_state_keys"] = list(model.state_dict().keys())
-    # Non-tensor keyword arguments (use_cache=False, return_dict=True) are baked into the graph;
-    # remember them so callers may omit them and are told when they pass something else.
-    gm.meta["graphlora_constant_kwargs"] = {
-        k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))
-    }
+    gm.meta["graphlora_call"] = CallSpec.from_example(model, args, kwargs)
     gm.meta["graphlora_dynamic"] = dynamic and len(errors) == 0
     return gm
 
@@ -152,6 +148,73 @@ def _export_failure_message(model: nn.Module, errors: list[str]) -> str:
     return (
         f"torch.export could not trace {name}: {errors[-1]}. Suggestions: " + "; ".join(hints)
     )
+
+
+class CallSpec:
+    """How the traced graph must be called, and how to get there from a natural call.
+
+    ``torch.export`` fixes the call structure: arguments passed positionally at trace time must be
+    positional, keyword ones keywords, and non-tensor values (``use_cache=False``) are baked in.
+    Users call models both ways, so a call is re-bound to the model's own signature and re-shaped
+    into the traced structure; baked-in constants may be omitted and are checked when given.
+    """
+
+    def __init__(self, signature: inspect.Signature | None, positional: list[str], keywords: list[str], constants: dict[str, Any]):
+        self.signature = signature
+        self.positional = positional
+        self.keywords = keywords
+        self.constants = constants
+
+    @classmethod
+    def from_example(cls, model: nn.Module, args: tuple, kwargs: dict) -> "CallSpec":
+        try:
+            sig = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            sig = None
+        names = [
+            p.name
+            for p in (sig.parameters.values() if sig else [])
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        positional = names[: len(args)] if len(names) >= len(args) else []
+        constants = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))}
+        return cls(sig, positional, list(kwargs), constants)
+
+    def normalize(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        for name, traced in self.constants.items():
+            given = kwargs.get(name, traced)
+            if given != traced:
+                raise InputError(
+                    f"{name}={given!r} differs from the value the graph was traced with "
+                    f"({name}={traced!r}); Python constants are fixed at trace time: transform "
+                    f"again with example_kwargs={{..., {name!r}: {given!r}}}"
+                )
+        if self.signature is None or (
+            len(args) == len(self.positional) and set(kwargs) <= set(self.keywords)
+        ):
+            merged = {**self.constants, **kwargs}
+            return args, {k: merged[k] for k in self.keywords if k in merged}
+        try:
+            bound = self.signature.bind(*args, **kwargs).arguments
+        except TypeError as exc:
+            raise InputError(f"the inputs do not fit the model's forward{self.signature}: {exc}") from None
+        extra = sorted(set(bound) - set(self.positional) - set(self.keywords))
+        if extra:
+            raise InputError(
+                f"argument(s) {', '.join(extra)} were not given when the graph was traced; "
+                "transform again with example inputs that include them"
+            )
+        missing = [n for n in self.positional if n not in bound]
+        if missing:
+            raise InputError(f"missing argument(s) {', '.join(missing)} the graph was traced with")
+        new_args = tuple(bound[n] for n in self.positional)
+        new_kwargs = {}
+        for k in self.keywords:
+            if k in bound:
+                new_kwargs[k] = bound[k]
+            elif k in self.constants:
+                new_kwargs[k] = self.constants[k]
+        return new_args, new_kwargs
 
 
 # --------------------------------------------------------------------------- symbolic_trace

@@ -152,7 +152,7 @@ class FxRenderer:
             if isinstance(obj, torch.nn.Parameter):
                 kind = "param"
             else:
-                owner = _resolve_attr(self.root, attr_owner(target)) if "." in target else self.root
+                owner = _resolve_attr(self.root, target.rpartition(".")[0]) if "." in target else self.root
                 buffers = getattr(owner, "_buffers", None) or {}
                 kind = "buffer" if target.rsplit(".", 1)[-1] in buffers else "const"
             return f"{kind} {self.tensor_type(obj)}"

@@ -55,6 +55,10 @@ class MergeLoraPass(GraphPass):
             delta = delta if spec.param_layout == "out_in" else delta.t()
             merged = (base.float() + delta).to(getattr(torch, spec.weight_dtype))
             replace_with_tensor(gm, sites, merged, suffix="merged")
+            for site in sites:  # the merged weight is float, off any quantization grid
+                info = site.node.meta["graphlora"]
+                info.pop("weight_qtype", None)
+                info.pop("weight_encoding", None)
             modified = True
         _drop_unread_graphlora_tensors(gm)
         gm._modules.pop(ADAPTERS_ROOT, None)
