@@ -88,6 +88,7 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
             except Exception as exc:  # torch raises many unrelated types here
                 errors.append(f"{type(exc).__name__}: {_first_line(exc)}")
                 if not use_dynamic:
+                    _raise_if_inputs_do_not_fit(model, args, kwargs)
                     raise TraceError(_export_failure_message(model, errors)) from exc
     if dynamic and len(errors) == 1:
         warnings.warn(
@@ -114,6 +115,22 @@ def _check_inputs_fit_signature(model: nn.Module, args: tuple, kwargs: dict) -> 
         raise InputError(
             f"example inputs do not fit {type(model).__name__}.forward{sig}: {exc}"
         ) from None
+
+
+def _raise_if_inputs_do_not_fit(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Tell "your inputs are wrong" from "the tracer failed": run the model eagerly once.
+
+    Only called after tracing failed, so the cost is paid on the error path alone (and a model
+    on the meta device runs on fake data, allocating nothing).
+    """
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:
+        raise InputError(
+            f"the example inputs do not fit {type(model).__name__}: running it on them raised "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
 
 
 def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
