@@ -29,6 +29,13 @@ from graphlora.workflows import QuantLoraWorkflow, qw_lora, qwa_lora
 __version__ = "0.1.0"
 
 
+def export_onnx(model, path, example_args=(), example_kwargs=None, **kwargs):
+    """Export a LoraModel to ONNX QDQ for onnxruntime (see :func:`graphlora.onnx.export_onnx`)."""
+    from graphlora.onnx.export import export_onnx as _export_onnx
+
+    return _export_onnx(model, path, example_args, example_kwargs, **kwargs)
+
+
 def load_adapter(model, adapter_dir, **kwargs):
     """Load a PEFT LoRA adapter directory into a LoraModel (or transform a plain model with it).
 
@@ -64,6 +71,7 @@ __all__ = [
     "graph_text",
     "read_graph_text",
     "save_graph_text",
+    "export_onnx",
     "load_adapter",
     "QuantLoraWorkflow",
     "TrainResult",
