@@ -36,7 +36,26 @@ _EXPORTS = {
     "LORA_MODES": "graphlora.onnx.prepare",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "FUSION_BLOCKERS",
+    "LORA_MODES",
+    "LOWERINGS",
+    "InferenceSession",
+    "OnnxExport",
+    "ProviderChoice",
+    "adapter_tensors",
+    "choose_providers",
+    "export_onnx",
+    "float_fallbacks",
+    "load_adapter",
+    "lower_model",
+    "op_counts",
+    "optimized_model",
+    "quantized_kernels",
+    "read_adapter",
+    "save_model",
+    "write_adapter",
+]
 
 
 def __getattr__(name: str) -> Any:

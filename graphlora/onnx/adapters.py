@@ -9,7 +9,9 @@ tensors under the same names; activating one for a run feeds them instead::
     sess = graphlora.onnx.InferenceSession("model.onnx")
     adapter = onnxruntime.LoraAdapter(); adapter.Load("legal.onnx_adapter")
     options = onnxruntime.RunOptions(); options.add_active_adapter(adapter)
-    sess.run(None, feeds, options)          # or sess.run_with_adapter(None, feeds, adapter)
+    sess.run(None, feeds, options)          # or sess.run_with_adapter(None, feeds, "legal.onnx_adapter")
+
+Keep the ``LoraAdapter`` object alive while runs use it: ``RunOptions`` does not own it.
 
 No re-export, no session rebuild; the base weights are shared by every adapter.
 """
@@ -17,8 +19,8 @@ No re-export, no session rebuild; the base weights are shared by every adapter.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -73,7 +75,8 @@ def read_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not Path(path).is_file():
         raise AdapterError(f"no adapter file at {path}")
     fmt = ort.AdapterFormat.read_adapter(os.fspath(path))
-    return {k: v.numpy() for k, v in fmt.get_parameters().items()}
+    # the arrays view memory owned by ``fmt``: copy before it goes away
+    return {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
 
 
 def load_adapter(adapter):

@@ -21,8 +21,9 @@ onnxscript builds nodes from schemas; no exported model ever contains a dialect 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

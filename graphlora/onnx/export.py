@@ -21,13 +21,13 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
+from torch import fx, nn
 
 from graphlora.errors import ExportError, MissingDependencyError
 from graphlora.io.atomic import atomic_path, atomic_write
@@ -110,6 +110,7 @@ def export_onnx(
     onnx_model = _to_onnx(prepared.graph_module, example_args, example_kwargs, opset, dynamic_shapes)
     if lora == "inputs":
         _promote_lora_inputs(onnx_model, prepared.lora_inputs)
+    _fold_weight_transposes(onnx_model)
     _optimize(onnx_model)
     from graphlora.onnx.lowering import lower_model
 
@@ -193,10 +194,15 @@ def _to_onnx(gm: fx.GraphModule, args: tuple, kwargs: dict, opset: int, dynamic_
     except ExportError:
         raise
     except Exception as exc:
-        text = str(exc).strip().splitlines()
-        summary = next((ln for ln in reversed(text) if ln.strip() and not ln.startswith("(")),
-                       type(exc).__name__)
-        raise ExportError(f"torch.onnx.export failed: {summary}") from exc
+        root = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        lines = [ln for ln in str(root).strip().splitlines() if ln.strip()]
+        summary = lines[0] if lines else type(root).__name__
+        raise ExportError(
+            f"torch.onnx.export failed ({type(root).__name__}: {summary}). Check that the example "
+            "inputs have the names, ranks and dtypes the model was traced with"
+        ) from exc
     return program.model
 
 
@@ -220,6 +226,39 @@ def _promote_lora_inputs(model, lora_inputs: list[LoraInput]) -> None:
         value.shape = ir.Shape(dims)
         graph.register_initializer(value)
         graph.inputs.append(value)
+
+
+def _fold_weight_transposes(model) -> None:
+    """``Transpose`` of a float weight initializer becomes a transposed initializer with a
+    readable name (``<param>_t``), instead of an anonymous ``val_12`` from constant folding."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        src = node.inputs[0]
+        perm = node.attributes.get("perm")
+        if (src is None or src.const_value is None or src.is_graph_input()
+                or len(src.shape or ()) != 2 or (perm is not None and list(perm.value) != [1, 0])):
+            continue
+        array = np.ascontiguousarray(src.const_value.numpy().T)
+        name = src.name
+        name = name.removeprefix("graphlora_adapters.")
+        name = f"{name}_t"
+        while name in graph.initializers:
+            name += "_"
+        tensor = ir.tensor(array, name=name)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
+                         const_value=tensor)
+        graph.register_initializer(value)
+        out = node.outputs[0]
+        out.replace_all_uses_with(value, replace_graph_outputs=False)
+        if not out.uses() and not out.is_graph_output():
+            graph.remove(node, safe=True)
+            if not src.uses() and not src.is_graph_output():
+                del graph.initializers[src.name]
 
 
 def _optimize(model) -> None:
@@ -258,9 +297,9 @@ def _name_dynamic_dims(model, args: tuple, kwargs: dict, gm: fx.GraphModule) -> 
             if axis == 1 and example.is_floating_point() and example.dim() < 3:
                 continue
             dim = value.shape[axis]
-            if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in rename:
-                if label not in rename.values():
-                    rename[dim.value] = label
+            if (isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in rename
+                    and label not in rename.values()):
+                rename[dim.value] = label
     if not rename:
         return
 

@@ -31,8 +31,8 @@ float32 for a float32 model: exact, and what ``MatMulNBits`` takes for float32 a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import ml_dtypes
 import numpy as np

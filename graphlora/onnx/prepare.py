@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
+from torch import fx, nn
 
 from graphlora import meta
 from graphlora.errors import ExportError
@@ -215,7 +214,7 @@ def _groups(gm: fx.GraphModule) -> dict[str, list[LinearSite]]:
 def _materialise_weight_encodings(gm: fx.GraphModule) -> None:
     """Sites whose float weight sits on a quantization grid (``weight_encoding``) get stored
     quantized with exactly that encoding (codes recovered exactly: the weight is on the grid)."""
-    for name, sites in _groups(gm).items():
+    for sites in _groups(gm).values():
         enc = meta.info(sites[0].node).get("weight_encoding")
         if enc is None or _dequant_node(sites[0]) is not None:
             continue
@@ -239,23 +238,29 @@ def _effective(gm: fx.GraphModule, node: fx.Node, index: int) -> torch.Tensor:
 
 
 def _branch_delta(gm: fx.GraphModule, br: Branch, site: LinearSite) -> torch.Tensor:
-    """``scale * B @ A`` in the parameter's stored layout, from the weights the branch uses."""
+    """``scale * B @ A`` in the parameter's stored layout, from the weights the branch uses.
+
+    The pair has PEFT's shapes in the parameter's orientation (``A (r, in)``, ``B (out, r)``)
+    whichever way a use reads it, so the delta is ``(out, in)``, transposed for ``(in, out)``
+    (Conv1D) parameters — as in :mod:`graphlora.passes.merge_lora`.
+    """
     if br.a is None or br.b is None:
         raise ExportError(f"LoRA branch at {br.module_path!r} ({br.adapter}) is incomplete")
     a = _effective(gm, br.a, 1)
     b = _effective(gm, br.b, 1)
-    if br.standard:
-        delta = (b @ a) * br.scale_value  # (out, in) as the site uses the weight
-    else:  # the transposed delta: x @ B @ A, B (use_in, r), A (r, use_out)
-        delta = ((b @ a) * br.scale_value).t()
-    s = site.spec
-    return delta if not s.weight_transposed else delta.t()
+    delta = (b @ a) * br.scale_value
+    return delta if site.spec.param_layout == "out_in" else delta.t()
 
 
-def _recomputed(enc: Encoding, weight: torch.Tensor, rule) -> Encoding:
-    method = getattr(rule, "weight_calibration", None)
-    if method not in ("absmax", "minmax", "mse"):
+def _recomputed(enc: Encoding, weight: torch.Tensor, method: str | None) -> Encoding:
+    """A fresh encoding for ``weight`` shaped like ``enc`` (qtype, granularity, symmetry,
+    scale dtype, double quantization). ``method`` is how the base was calibrated; GPTQ (which
+    needs data) and methods that contradict the encoding's symmetry fall back to absmax
+    (symmetric) or minmax (asymmetric)."""
+    if method not in ("absmax", "minmax", "mse") or (method == "absmax") != enc.symmetric and method != "mse":
         method = "absmax" if enc.symmetric else "minmax"
+    if enc.qtype.kind != "int":
+        method = "absmax"
     return calibrate_weight(
         weight, enc.qtype, method=method, axis=enc.axis, block_size=enc.block_size,
         symmetric=enc.symmetric, scale_dtype=enc.scale.dtype,
@@ -292,7 +297,8 @@ def _merge(gm: fx.GraphModule) -> None:
             if enc is None:
                 raise ExportError(f"quantized weight {name!r} has no encoding in its dequant node "
                                   "metadata; cannot re-quantize the merged weight")
-            install_quantized(gm, group, _recomputed(enc, weight, group[0].rule), weight)
+            method = meta.info(dq).get("method") or getattr(group[0].rule, "weight_calibration", None)
+            install_quantized(gm, group, _recomputed(enc, weight, method), weight)
         elif on_grid is not None:
             install_quantized(gm, group, on_grid, weight)
             _mark_stored(group, on_grid)

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from graphlora.errors import MissingDependencyError
 
@@ -50,8 +51,8 @@ def cuda_device_count() -> int:
 
         if torch.cuda.is_available():
             return torch.cuda.device_count()
-    except Exception:  # pragma: no cover - broken torch installs
-        pass
+    except (ImportError, RuntimeError):  # pragma: no cover - broken torch installs
+        log.debug("torch could not count CUDA devices; asking the driver")
     import ctypes
 
     for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
@@ -63,7 +64,7 @@ def cuda_device_count() -> int:
         try:
             if cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0:
                 return int(count.value)
-        except Exception:  # pragma: no cover
+        except (AttributeError, OSError):  # pragma: no cover - a driver without these symbols
             return 0
         return 0
     return 0
@@ -158,7 +159,8 @@ class InferenceSession(_ort().InferenceSession):
             self.provider_reason = (f"{CUDA} failed to start ({_first_line(exc)}); "
                                     "fell back to CPU")
             (log.warning if warn else log.info)("graphlora.onnx: %s", self.provider_reason)
-            super().__init__(path, so, providers=[CPU], disabled_optimizers=disabled or None,
+            wanted = [CPU]
+            super().__init__(path, so, providers=wanted, disabled_optimizers=disabled or None,
                              enable_fallback=0)
         used = self.get_providers()
         if CUDA in wanted and CUDA not in used:
@@ -177,8 +179,12 @@ class InferenceSession(_ort().InferenceSession):
 
         ort = _ort()
         options = run_options if run_options is not None else ort.RunOptions()
-        options.add_active_adapter(load_adapter(adapter))
-        return self.run(output_names, feeds, options)
+        loaded = load_adapter(adapter)  # RunOptions does not own it: keep it alive for the run
+        options.add_active_adapter(loaded)
+        try:
+            return self.run(output_names, feeds, options)
+        finally:
+            del loaded
 
 
 def _first_line(exc: BaseException) -> str:
