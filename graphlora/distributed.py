@@ -7,8 +7,8 @@ graphlora does not distribute anything itself. A :class:`~graphlora.LoraModel` i
 DDP
     ``DistributedDataParallel(lora_model)`` works as is: DDP buckets only parameters with
     ``requires_grad=True``, which are the LoRA factors; frozen float weights and packed (integer)
-    quantized buffers get no gradient bucket. :func:`wrap_ddp` adds one default
-    (``broadcast_buffers=False``: packed base weights are identical on every rank, re-sending
+    quantized buffers get no gradient bucket. :func:`wrap_ddp` adds one default (no buffer
+    broadcast before every forward: packed base weights are identical on every rank, re-sending
     them each step is waste) and checks; :func:`ddp_bucket_parameter_names` shows the buckets.
 
 FSDP2
@@ -41,6 +41,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import hashlib
+import inspect
 import operator
 import re
 import types
@@ -270,7 +271,7 @@ def find_transformer_blocks(model: LoraModel | fx.GraphModule, pattern: str | No
 
     By default: the children of every outermost "indexed" module (all child names are integers,
     like an ``nn.ModuleList``: ``model.layers.<i>``, ``encoder.layer.<i>``, ``transformer.h.<i>``)
-    that the graph runs. Only the outermost ones: MoE experts inside a block stay in the block.
+    that the graph runs code in. Only the outermost ones: MoE experts inside a block stay in the block.
     graphlora's own trees (``graphlora_*``) are skipped. ``pattern``: a regex that must
     ``fullmatch`` the module paths to take instead (e.g. ``r"model\\.layers\\.\\d+"``).
     """
@@ -283,7 +284,7 @@ def find_transformer_blocks(model: LoraModel | fx.GraphModule, pattern: str | No
     else:
         chosen = _indexed_children(gm)
     order = _first_use_order(gm)
-    return sorted(chosen, key=lambda p: (order.get(p, len(order)), p))
+    return sorted((p for p in chosen if p in order), key=lambda p: (order[p], p))
 
 
 def _indexed_children(gm: nn.Module) -> list[str]:
@@ -308,9 +309,12 @@ def _has_tensors(module: nn.Module) -> bool:
 
 
 def _first_use_order(gm: fx.GraphModule) -> dict[str, int]:
-    """Module path -> index of the first graph node that runs in (or reads from) it."""
+    """Module path -> index of the first graph node that runs in it (modules the graph never
+    runs in are absent). Reads (``get_attr``) do not count: export puts them all first."""
     order: dict[str, int] = {}
     for i, node in enumerate(gm.graph.nodes):
+        if node.op in ("get_attr", "placeholder", "output"):
+            continue
         path = _node_path(node)
         while path:
             order.setdefault(path, i)
@@ -326,7 +330,8 @@ def _node_path(node: fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = list(stack.values())[-1][0]
-        if isinstance(path, str) and not path.startswith("_"):
+        # export marks nodes outside every module with a placeholder entry
+        if isinstance(path, str) and path and not path.startswith("_empty_nn_module_stack"):
             return path
     info = node.meta.get("graphlora") or {}
     return info.get("module_path")
@@ -646,8 +651,8 @@ def shard_lora_model(
     FSDP only shards and all-gathers LoRA factors. Integer (packed) tensors are never sharded.
 
     Returns ``model`` (now also an ``FSDPModule``); train it as usual — its parameters are
-    ``DTensor`` shards, so build the optimizer after this call. Add and activate adapters
-    before sharding.
+    ``DTensor`` shards, so build the optimizer after this call. Add adapters before sharding;
+    switching between them afterwards works.
     """
     _require_initialized("shard_lora_model()")
     if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -669,20 +674,20 @@ def shard_lora_model(
     # validate the split before touching the model, so a failure leaves it unsharded
     _split_graph(gm.graph, paths, containers)
 
-    ignored = _ignored_parameters(model, shard_frozen)
-    options: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
-    if mesh is not None:
-        options["mesh"] = mesh
-    if mp_policy is not None:
-        options["mp_policy"] = mp_policy
-    if offload_policy is not None:
-        options["offload_policy"] = offload_policy
+    given = {
+        "mesh": mesh,
+        "reshard_after_forward": reshard_after_forward,
+        "mp_policy": mp_policy,
+        "offload_policy": offload_policy,
+        "ignored_params": _ignored_parameters(model, shard_frozen) or None,
+    }
+    options = {k: v for k, v in given.items() if v is not None}  # fully_shard's own defaults otherwise
     for path in paths:
         group = [gm.get_submodule(path)] + [gm.get_submodule(c) for c in containers[path]]
         for c in containers[path]:
             gm.get_submodule(c).__dict__["forward"] = _noop_forward
-        fully_shard(group if len(group) > 1 else group[0], ignored_params=ignored or None, **options)
-    fully_shard(model, ignored_params=ignored or None, **options)
+        fully_shard(group if len(group) > 1 else group[0], **options)
+    fully_shard(model, **options)
 
     gm.__dict__[_STATE_ATTR] = _ShardedExecution(gm, paths, containers)
     gm.__dict__["forward"] = types.MethodType(_sharded_forward, gm)
@@ -736,14 +741,15 @@ def _ignored_parameters(model: LoraModel, shard_frozen: bool) -> set[nn.Paramete
 # DDP
 
 
-def wrap_ddp(model: LoraModel, *, broadcast_buffers: bool = False, **ddp_kwargs: Any) -> nn.parallel.DistributedDataParallel:
+def wrap_ddp(model: LoraModel, *, sync_buffers: bool = False, **ddp_kwargs: Any) -> nn.parallel.DistributedDataParallel:
     """``DistributedDataParallel(model, ...)`` with checks and one changed default.
 
     DDP needs nothing special for a LoraModel: it buckets only ``requires_grad`` parameters (the
     LoRA factors) and every factor of the active adapters is used in every forward, so
-    ``find_unused_parameters`` is not needed. ``broadcast_buffers=False`` by default because a
-    quantized base lives in buffers (packed weights, scales) that are identical on all ranks;
-    broadcasting them from rank 0 before every forward would move the whole base model each step.
+    ``find_unused_parameters`` is not needed. ``sync_buffers=False`` by default: a quantized base
+    lives in buffers (packed weights, scales) that are identical on all ranks, and re-sending them
+    from rank 0 before every forward would move the whole base model each step. DDP still copies
+    rank 0's parameters and buffers once when it is built. Other keyword arguments go to DDP.
     """
     _require_initialized("wrap_ddp()")
     model = unwrap_model(model)
@@ -754,7 +760,12 @@ def wrap_ddp(model: LoraModel, *, broadcast_buffers: bool = False, **ddp_kwargs:
             "the model has no trainable (LoRA) parameter: activate an adapter (model.set_adapter) "
             "before wrapping it in DistributedDataParallel"
         )
-    return nn.parallel.DistributedDataParallel(model, broadcast_buffers=broadcast_buffers, **ddp_kwargs)
+    if "broadcast_buffers" not in ddp_kwargs and "forward_sync_buffers" not in ddp_kwargs:
+        params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+        # torch >= 2.13 spells it forward_sync_buffers (broadcast_buffers is deprecated there)
+        key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+        ddp_kwargs[key] = sync_buffers
+    return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
 
 
 def ddp_bucket_parameter_names(ddp: nn.parallel.DistributedDataParallel) -> list[list[str]]:
