@@ -1,6 +1,5 @@
 """Weight calibration (absmax, minmax, mse) against independent numpy computations."""
 
-import time
 
 import numpy as np
 import pytest
@@ -78,16 +77,6 @@ def test_mse_never_worse_than_full_range(qname, method):
     mse = calibrate_weight(w, qname, method=method)
     err = lambda e: float((e.dequantize(e.quantize(w)) - w).pow(2).sum())
     assert err(mse) <= err(full) * (1 + 1e-6)
-
-
-def test_mse_is_fast_on_a_real_sized_matrix():
-    w = torch.randn(1536, 384)
-    t0 = time.perf_counter()
-    calibrate_weight(w, "int4", method="mse", block_size=64)
-    calibrate_weight(w, "uint4", method="mse", block_size=64)
-    # ~0.1 s on an idle 2-core machine; the bound is loose for shared CI runners, yet a
-    # per-group Python loop (1536 * 6 groups * 100 candidates) would take minutes
-    assert time.perf_counter() - t0 < 15.0
 
 
 def test_per_tensor_and_conv_weights():

@@ -1,0 +1,179 @@
+"""Run every peer benchmark in one go and rewrite docs/benchmarks.md with the measured table.
+
+Each benchmark compares graphlora with its peer (PEFT, onnxruntime's quantization tools) in the
+same run and reports ratios. Usage: ``python benchmarks/run_all.py [--only NAME ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+DOC = HERE.parent / "docs" / "benchmarks.md"
+RAW = HERE.parent / "docs" / "benchmarks.json"
+
+
+def machine() -> dict:
+    import onnxruntime
+    import torch
+    import transformers
+
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "transformers": transformers.__version__,
+        "load_before": os.getloadavg()[0],
+    }
+
+
+def benchmarks() -> dict:
+    import bench_lora_train
+    import bench_onnx
+    import bench_quant
+    import bench_qw_lora
+    import bench_trace_8b
+
+    return {
+        "lora_train": bench_lora_train.run,
+        "trace_8b": bench_trace_8b.run,
+        "quant": bench_quant.run,
+        "qw_lora": bench_qw_lora.run,
+        "onnx": bench_onnx.run,
+    }
+
+
+def _f(x, digits=3):
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def render(m: dict, results: dict) -> str:
+    out = [
+        "# Benchmarks",
+        "",
+        "Measured by `benchmarks/run_all.py` (`make bench`), which rewrites this file. Every",
+        "comparison runs graphlora and its peer in the same process, one after the other.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"onnxruntime {m['onnxruntime']}, transformers {m['transformers']}, Python {m['python']}. "
+        f"Date: {m['date']}. Load average before the run: {m['load_before']:.2f}.",
+        "",
+    ]
+    r = results.get("lora_train")
+    if r and "error" not in r:
+        out += [
+            "## LoRA training step vs PEFT (MiniLM, rank 16 on query|key|value|dense, batch 16 x 64)",
+            "",
+            "| | graphlora | PEFT | ratio (goal <= 0.9) |",
+            "|---|---|---|---|",
+            f"| eager, s/step | {_f(r['graphlora_eager_s'])} | {_f(r['peft_eager_s'])} | **{_f(r['ratio_eager'], 2)}** |",
+        ]
+        if "ratio_compiled" in r:
+            out.append(f"| torch.compile, s/step | {_f(r['graphlora_compiled_s'])} | {_f(r['peft_compiled_s'])} | **{_f(r['ratio_compiled'], 2)}** |")
+        out.append("")
+    r = results.get("trace_8b")
+    if r and "error" not in r:
+        out += [
+            "## Trace + transform a Llama-3-8B-shaped model on the meta device",
+            "",
+            f"{r['sites']} linear sites, {r['nodes']} graph nodes. torch.export: {_f(r['torch_export_s'], 2)} s; "
+            f"graphlora passes: **{_f(r['graphlora_passes_s'], 2)} s** (goal <= 1 s) "
+            f"({', '.join(f'{k} {v:.2f} s' for k, v in r['passes_by_name_s'].items())}).",
+            "",
+        ]
+    r = results.get("quant")
+    if r and "error" not in r:
+        out += [
+            "## Weight quantization of MiniLM (held-out cosine of mean-pooled embeddings to fp32)",
+            "",
+            "| qtype | group | method | cosine | bits/param | time s | QLoRA fwd / fp32 fwd |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in r["rows"]:
+            out.append(
+                f"| {row['qtype']} | {row['group'] or 'channel'} | {row['method']} | {_f(row['cosine'], 4)} | "
+                f"{_f(row['bits_per_param'], 3)} | {_f(row['transform_s'], 1)} | {_f(row['forward_ratio_vs_fp32'], 2)} |"
+            )
+        out.append("")
+    r = results.get("qw_lora")
+    if r and "error" not in r:
+        out += [
+            "## QW-LoRA on MiniLM (int4 symmetric g32 base on all encoder linears, LoRA rank 16)",
+            "",
+            "| stage | held-out cosine to fp32 | time s |",
+            "|---|---|---|",
+            f"| round-to-nearest int4 (absmax), no LoRA | {_f(r['cos_rtn_int4_g32'], 4)} | |",
+            f"| step 1: {r['step1_method']} base | {_f(r['cos_step1'], 4)} | {_f(r['step1_s'], 1)} |",
+            f"| step 2: LoRA distillation, {r['steps']} steps, lr {r['lr']} | **{_f(r['cos_step2'], 4)}** (goal >= 0.99) | {_f(r['step2_train_s'], 1)} |",
+            f"| step 3: int8 activations calibrated | {_f(r['cos_step3_int8_act'], 4)} | {_f(r['step3_s'], 1)} |",
+            "",
+        ]
+    r = results.get("onnx")
+    if r and "error" not in r:
+        out += ["## ONNX export vs onnxruntime's own quantization tools (MiniLM, batch 8 x 64)", ""]
+        out += r.get("markdown", ["```", json.dumps(r, indent=2), "```"])
+        out.append("")
+    errors = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
+    if errors:
+        out += ["## Benchmarks that failed in this run", ""]
+        out += [f"- {k}: `{v}`" for k, v in errors.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--only", nargs="*", help="names of benchmarks to run (default: all)")
+    ap.add_argument("--no-write", action="store_true", help="print, do not rewrite docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    m = machine()
+    results: dict = {}
+    if RAW.exists() and args.only:
+        results = json.loads(RAW.read_text()).get("results", {})
+    for name, fn in benchmarks().items():
+        if args.only and name not in args.only:
+            continue
+        print(f"== {name}", flush=True)
+        t = time.perf_counter()
+        try:
+            results[name] = fn()
+        except Exception as exc:  # one broken benchmark must not hide the others
+            traceback.print_exc()
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"   {time.perf_counter() - t:.0f} s", flush=True)
+    text = render(m, results)
+    print(text)
+    if not args.no_write:
+        from graphlora.io.atomic import atomic_write
+
+        with atomic_write(DOC, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        with atomic_write(RAW, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"machine": m, "results": results}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
