@@ -527,7 +527,9 @@ def scenario_fsdp_qlora(rank: int, out: Path) -> dict:
     packed_after = {n: (str(b.dtype), tuple(b.shape)) for n, b in lm.graph_module.named_buffers() if not b.dtype.is_floating_point}
     grads0, _ = _train(lm, lm, rank, steps=2, lr=0.5)
     final = gd.gather_lora_state_dict(lm)
+    saved = gd.save_on_rank0(lm, out / "qlora_separate")  # base (dequantized) + adapters/
     result = {
+        "saved": list(saved.files),
         "n_packed": len(packed_before),
         "packed_unchanged": packed_before == packed_after,
         "packed_plain": all(not gd._is_dtensor(b) for b in lm.graph_module.buffers()),
@@ -537,6 +539,7 @@ def scenario_fsdp_qlora(rank: int, out: Path) -> dict:
         ref_grads0, ref_final = _train_reference(ref, steps=2, lr=0.5)
         result["grad_diff"] = _max_diff(grads0, ref_grads0)
         result["param_diff"] = _max_diff(final, ref_final)
+        torch.save({"lora": ref_final, "base": ref.base_state_dict()}, out / "qlora_reference.pt")
     return result
 
 
@@ -624,7 +627,34 @@ def scenario_fsdp_adapters(rank: int, out: Path) -> dict:
     return result
 
 
-SCENARIOS = ["observers", "calibrate", "fsdp_calibrate", "fsdp_adapters", "ddp", "fsdp", "fsdp_qlora"]
+def scenario_gptq(rank: int, out: Path) -> dict:
+    """GPTQ at transform time with each rank's calibration batches: the Hessians are summed
+    across ranks, so every rank quantizes to the same codes, those of one process seeing all."""
+
+    def build(batch_list):
+        torch.manual_seed(0)
+        rule = LoraRule(r"blocks\.\d+\.(up|down)", rank=2, weight_qtype="int4", group_size=16, weight_calibration="gptq")
+        return graphlora.transform(Stack(), [rule], (torch.randn(5, 4),), calibration_data=batch_list, progress=False)
+
+    def batches(r):
+        g = torch.Generator().manual_seed(50 + r)
+        return [(torch.randn(8, 4, generator=g) * (1 + r),) for _ in range(2)]
+
+    def codes(lm):
+        return {n: b.clone() for n, b in lm.graph_module.named_buffers() if not b.dtype.is_floating_point}
+
+    mine = codes(build(batches(rank)))
+    torch.save(mine, out / f"gptq.{rank}.pt")
+    result = {"n": len(mine)}
+    if rank == 0:
+        with _no_process_group():
+            ref = codes(build(batches(0) + batches(1)))
+        result["same_keys"] = sorted(ref) == sorted(mine)
+        result["equal_fraction"] = sum(int((mine[k] == ref[k]).sum()) for k in ref) / sum(v.numel() for v in ref.values())
+    return result
+
+
+SCENARIOS = ["observers", "calibrate", "gptq", "fsdp_calibrate", "fsdp_adapters", "ddp", "fsdp", "fsdp_qlora"]
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -725,6 +755,16 @@ def test_calibrate_across_ranks_equals_calibrating_on_all_data(job):
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(JOB_TIMEOUT + 30)
+def test_gptq_hessians_are_reduced_across_ranks(job):
+    r0, _ = job("gptq")
+    assert r0["n"] >= 6 and r0["same_keys"]
+    a, b = (torch.load(job.out / f"gptq.{r}.pt") for r in range(WORLD))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # identical codes on both ranks
+    assert r0["equal_fraction"] > 0.999  # one process on all data (float64 sums in another order)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(JOB_TIMEOUT + 30)
 def test_calibrate_on_an_fsdp_sharded_model_with_replicated_frozen_weights(job):
     r0, r1 = job("fsdp_calibrate")
     if "skipped" in r0:
@@ -816,3 +856,16 @@ def test_fsdp_keeps_qlora_weights_packed_and_matches_single_process(job):
         assert r["n_packed"] >= 14 and r["packed_unchanged"] and r["packed_plain"]
         assert "torch.uint8" in r["uint8"]
     assert r0["grad_diff"] < TOL and r0["param_diff"] < TOL
+    # the base + adapter layout from the sharded QLoRA model: dequantized base, PEFT adapter
+    from graphlora.io.peft_format import read_adapter
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    assert r0["saved"] == r1["saved"] and "model.safetensors" in r0["saved"]
+    reference = torch.load(job.out / "qlora_reference.pt")
+    base = load_file(job.out / "qlora_separate" / "model.safetensors")
+    LlamaForCausalLM(llama_config()).load_state_dict(base, strict=True)
+    assert _max_diff(base, {k: reference["base"][k] for k in base}) == 0.0
+    adapter = read_adapter(job.out / "qlora_separate" / "adapters")
+    got = {f"{p}.lora_{w}.weight": getattr(m, f"lora_{w}") for p, m in adapter.modules.items() for w in "AB"}
+    assert _max_diff(got, reference["lora"]) < TOL
