@@ -52,8 +52,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.fx as fx
-import torch.nn as nn
+from torch import fx, nn
 
 from graphlora.adapters import ADAPTERS_ROOT
 from graphlora.errors import DistributedError
@@ -561,7 +560,6 @@ def _compile(graph: fx.Graph, name: str) -> Callable[..., Any]:
 
 def _noop_forward(*args: Any, **kwargs: Any) -> None:
     """Forward of an adapter container: calling it marks the container's FSDP hooks as run."""
-    return None
 
 
 class _ShardedExecution:
@@ -730,9 +728,8 @@ def _ignored_parameters(model: LoraModel, shard_frozen: bool) -> set[nn.Paramete
     """Parameters FSDP must leave alone: integer (packed) ones always, frozen ones on request."""
     ignored = set()
     for p in model.parameters():
-        if not p.dtype.is_floating_point and not p.dtype.is_complex:
-            ignored.add(p)
-        elif not shard_frozen and not p.requires_grad:
+        packed = not (p.dtype.is_floating_point or p.dtype.is_complex)
+        if packed or (not shard_frozen and not p.requires_grad):
             ignored.add(p)
     return ignored
 
@@ -867,7 +864,7 @@ def save_on_rank0(model: nn.Module, save_directory: Any, *, group: Any = None, *
             try:
                 with _plain_module_tree(lora.graph_module):
                     result = lora.save_pretrained(save_directory, **save_options)
-            except Exception as exc:  # reported to the other ranks below, then re-raised
+            except Exception as exc:  # noqa: BLE001 - reported to the other ranks below, then re-raised
                 error = exc
     outcome = [None if error is None else f"{type(error).__name__}: {error}", result]
     dist.broadcast_object_list(outcome, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)

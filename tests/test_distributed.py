@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import math
 import os
 import time
 import traceback
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import graphlora
 from graphlora import DistributedError, LoraRule, QuantRule
@@ -215,7 +214,7 @@ def test_split_refuses_interleaved_blocks():
 def test_split_moves_root_code_that_reads_a_block_after_its_call():
     """Root code placed between a block's operations (e.g. by a hook) that reads the block's
     values runs after the block's call; the block does not depend on it, so that is exact."""
-    import torch.fx as fx
+    from torch import fx
 
     g = fx.Graph()
     x = g.placeholder("x")
@@ -237,7 +236,7 @@ def test_split_moves_root_code_that_reads_a_block_after_its_call():
 
 
 def test_split_puts_unattributed_nodes_between_a_blocks_nodes_into_the_block():
-    import torch.fx as fx
+    from torch import fx
 
     g = fx.Graph()
     x = g.placeholder("x")
@@ -294,7 +293,7 @@ def test_docs_training_script_compiles_and_uses_this_api():
     import re as _re
 
     text = (Path(__file__).parent.parent / "docs" / "distributed.md").read_text()
-    script = _re.search(r"```python\n(.*?)```", text, _re.S).group(1)
+    script = _re.search(r"```python\n(.*?)```", text, _re.DOTALL).group(1)
     tree = ast.parse(script)
     used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "gd"}
     assert used == {"wrap_ddp", "shard_lora_model", "find_transformer_blocks", "save_on_rank0"}
@@ -667,7 +666,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             start = time.perf_counter()
             try:
                 record = {"ok": True, "result": globals()[f"scenario_{name}"](rank, out)}
-            except Exception:
+            except Exception:  # noqa: BLE001 - recorded for the parent process
                 record = {"ok": False, "error": traceback.format_exc()}
             record["seconds"] = round(time.perf_counter() - start, 2)
             (out / f"{name}.{rank}.json").write_text(json.dumps(record, default=str))
@@ -694,7 +693,7 @@ def job(tmp_path_factory):
             if time.monotonic() > deadline:
                 failure = f"the 2-rank job did not finish within {JOB_TIMEOUT} s"
                 break
-    except Exception as exc:  # a rank died outside a scenario
+    except Exception as exc:  # noqa: BLE001 - a rank died outside a scenario
         failure = f"a rank failed: {exc}"
     finally:
         for p in ctx.processes:
@@ -826,9 +825,10 @@ def test_fsdp_rank0_saves_load_back(job):
     r0, r1 = job("fsdp")
     assert r0["saved"] == r1["saved"]  # every rank sees rank 0's result
     reference = torch.load(job.out / "fsdp_reference.pt")
-    from graphlora.io.peft_format import read_adapter
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
+
+    from graphlora.io.peft_format import read_adapter
 
     adapter = read_adapter(job.out / "fsdp_adapter")
     assert len(adapter.modules) == 14
@@ -857,9 +857,10 @@ def test_fsdp_keeps_qlora_weights_packed_and_matches_single_process(job):
         assert "torch.uint8" in r["uint8"]
     assert r0["grad_diff"] < TOL and r0["param_diff"] < TOL
     # the base + adapter layout from the sharded QLoRA model: dequantized base, PEFT adapter
-    from graphlora.io.peft_format import read_adapter
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
+
+    from graphlora.io.peft_format import read_adapter
 
     assert r0["saved"] == r1["saved"] and "model.safetensors" in r0["saved"]
     reference = torch.load(job.out / "qlora_reference.pt")
