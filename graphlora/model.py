@@ -449,6 +449,7 @@ class LoraModel(nn.Module):
         float weight.
         """
         names = list(self._active) if adapters is None else [self._resolve_adapter(a) for a in adapters]
+        _refuse_fsdp_modules(self.graph_module, "merge()")
         gm = share_storage_copy(self.graph_module)
         MergeLoraPass({a: self._adapters[a] for a in names})(gm)
         gm.graph.lint()
@@ -467,6 +468,22 @@ class LoraModel(nn.Module):
         return (
             f"LoraModel(source={self.source.get('model_class', '?')}, sites={n_sites}, "
             f"adapters={sorted(self._adapters)}, active={self._active})"
+        )
+
+
+def _refuse_fsdp_modules(gm: fx.GraphModule, what: str) -> None:
+    """FSDP2-sharded modules cannot be copied; say what to do instead of FSDP's assertion."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return
+    if any(isinstance(m, FSDPModule) for m in gm.modules()):
+        from graphlora.errors import DistributedError
+
+        raise DistributedError(
+            f"{what} needs full weights, but this model is sharded with FSDP2: use "
+            "graphlora.distributed.save_on_rank0(model, dir, save_adapters_separately=False) for a "
+            "merged save, or gather the weights first"
         )
 
 
