@@ -129,7 +129,8 @@ def _timeout(path: Path) -> int:
 
 def _params() -> list:
     return [
-        pytest.param(path, id=str(path.relative_to(REPO)), marks=pytest.mark.timeout(_timeout(path)))
+        pytest.param(path, id=str(path.relative_to(REPO)),
+                     marks=[pytest.mark.timeout(_timeout(path)), pytest.mark.slow])
         for path in doc_files()
     ]
 
