@@ -159,7 +159,7 @@ class LoraModel(nn.Module):
                     own[k].copy_(v.to(dtype=own[k].dtype, device=own[k].device))
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts; packed 4-bit storage counts two per byte."""
+        """(trainable, all) parameter counts; a quantized weight counts its original elements."""
         trainable = 0
         total = 0
         seen: set[int] = set()
@@ -170,9 +170,8 @@ class LoraModel(nn.Module):
             total += p.numel()
             if p.requires_grad:
                 trainable += p.numel()
-        for name, b in self.graph_module.named_buffers():
-            if name.startswith("graphlora_quant") and name.endswith(".qdata"):
-                total += b.numel() * (2 if b.dtype == torch.uint8 else 1)
+        # quantized base weights are buffers now: count the parameters they encode
+        total += int(self.memory_report()["quantized_params"])
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

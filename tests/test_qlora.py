@@ -154,3 +154,12 @@ def test_nan_weight_names_the_tensor():
         model.layers[1].weight[0, 0] = float("nan")
     with pytest.raises(graphlora.GraphloraError, match=r"layers\.1\.weight"):
         graphlora.transform(model, [QuantRule(".*", weight_qtype="int8")], (torch.randn(2, 8),))
+
+
+def test_trainable_parameter_count_includes_quantized_base():
+    model = MLP(dims=(32, 64, 8))
+    lm = graphlora.transform(model, [LoraRule(".*", rank=4, weight_qtype="int4", group_size=16)], (torch.randn(2, 32),))
+    trainable, total = lm.get_nb_trainable_parameters()
+    lora = 4 * (32 + 64) + 4 * (64 + 8)
+    assert trainable == lora
+    assert total == sum(p.numel() for p in model.parameters()) + lora

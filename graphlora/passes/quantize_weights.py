@@ -56,7 +56,7 @@ def rule_encoding(site: LinearSite, rule: QuantRule, weight: torch.Tensor) -> En
     if method == "gptq":
         raise QuantizationError(
             f"site {site.module_path!r}: weight_calibration='gptq' needs calibration data; pass "
-            "calibration_data=... to transform() or use graphlora.gptq_quantize_weights"
+            "calibration_data=... to transform() or use the QW-LoRA workflow (graphlora.qw_lora)"
         )
     double_quant = bool(rule.double_quant and get_qtype(rule.weight_qtype).kind == "nf4")
     return calibrate_weight(
