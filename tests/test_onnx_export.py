@@ -336,12 +336,17 @@ def test_failed_check_leaves_previous_file(mlp_int4, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-def test_external_data(mlp_int4, tmp_path):
+def test_external_data(mlp_int4, tmp_path, monkeypatch):
+    import graphlora.onnx.export as export_module
+
     path = tmp_path / "m.onnx"
     first = export_onnx(mlp_int4, path, (torch.randn(2, 64),), external_data=True)
     assert first.external_data is not None and first.external_data.exists()
-    second = export_onnx(mlp_int4, path, (torch.randn(2, 64),), external_data=True)
-    assert not first.external_data.exists() or first.external_data == second.external_data
+    monkeypatch.setattr(export_module, "TWO_GB", 4096)  # "over 2 GB": external data by itself
+    monkeypatch.setattr(export_module, "_EXTERNAL_MARGIN", 0)
+    second = export_onnx(mlp_int4, path, (torch.randn(2, 64),))
+    assert second.external_data is not None and second.external_data.exists()
+    assert not first.external_data.exists()  # the previous data file went with its model
     onnx.checker.check_model(str(path), full_check=True)
     x = torch.randn(3, 64)
     ref = prepare(mlp_int4.graph_module, "merged").graph_module(x)

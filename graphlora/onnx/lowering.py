@@ -328,12 +328,6 @@ def _typed(array: np.ndarray, qtype: ir.DataType) -> np.ndarray:
     return np.ascontiguousarray(array).astype(_NUMPY[qtype])
 
 
-def _zero_point_for(qtype: ir.DataType, zp: np.ndarray | None, scale: np.ndarray) -> np.ndarray | None:
-    if zp is None:
-        return None
-    return _typed(zp, qtype)
-
-
 def emit_dequantize(graph: ir.Graph, qw: QuantWeight, orientation: str, before: ir.Node) -> ir.Value:
     """A ``DequantizeLinear`` producing ``qw`` in ``orientation``, inserted before ``before``."""
     key = orientation
@@ -343,8 +337,8 @@ def emit_dequantize(graph: ir.Graph, qw: QuantWeight, orientation: str, before: 
         q_val = _initializer(graph, f"{qw.name}.quantized{suffix}", _typed(codes, qw.qtype))
         s_val = _initializer(graph, f"{qw.name}.scale{suffix}",
                              np.ascontiguousarray(scale).astype(_FLOAT_NUMPY[qw.out_dtype]))
-        zp_arr = _zero_point_for(qw.qtype, zp, scale)
-        z_val = None if zp_arr is None else _initializer(graph, f"{qw.name}.zero_point{suffix}", zp_arr)
+        z_val = None if zp is None else _initializer(graph, f"{qw.name}.zero_point{suffix}",
+                                                     _typed(zp, qw.qtype))
         qw._cache[key] = (q_val, s_val, z_val, attrs, codes.shape)
     q_val, s_val, z_val, attrs, shape = qw._cache[key]
     inputs = [q_val, s_val] + ([z_val] if z_val is not None else [])
@@ -388,15 +382,15 @@ def _is_2d_transpose(node: ir.Node) -> bool:
     return perm is None or list(perm) == [1, 0]
 
 
-def weight_uses(value: ir.Value, transposed: bool = False) -> list[WeightUse]:
-    """Consumers of ``value`` looking through 2-D Transposes."""
+def weight_uses(value: ir.Value, ndim: int, transposed: bool = False) -> list[WeightUse]:
+    """Consumers of ``value`` (a weight of rank ``ndim``) looking through 2-D Transposes."""
     uses = []
     for node, index in value.uses():
-        if _is_2d_transpose(node) and len(value.shape or ()) == 2:
+        if _is_2d_transpose(node) and ndim == 2:
             out = node.outputs[0]
             if out.is_graph_output():
                 uses.append(WeightUse(node, index, transposed))
-            uses.extend(weight_uses(out, not transposed))
+            uses.extend(weight_uses(out, ndim, not transposed))
         else:
             uses.append(WeightUse(node, index, transposed))
     if value.is_graph_output():
@@ -464,12 +458,12 @@ def _matmul_orientation(qw: QuantWeight, use: WeightUse) -> str:
 def _lower_weight(graph: ir.Graph, node: ir.Node, qw: QuantWeight) -> None:
     """Feed every consumer of a weight dialect node its own DequantizeLinear."""
     if len(qw.shape) != 2:
-        for use in weight_uses(node.outputs[0]):
+        for use in weight_uses(node.outputs[0], len(qw.shape)):
             if use.transposed:
                 raise ExportError(f"{qw.where}: transposed use of a {len(qw.shape)}-D quantized weight")
             use.node.replace_input_with(use.index, emit_dequantize(graph, qw, "nd", use.node))
         return
-    for use in weight_uses(node.outputs[0]):
+    for use in weight_uses(node.outputs[0], 2):
         consumer, index, orientation = use.node, use.index, _matmul_orientation(qw, use)
         if _is(consumer, "Gemm") and index == 1:
             if _attr(consumer, "transB", 0):
@@ -540,7 +534,7 @@ def _lower_nf4(graph: ir.Graph, node: ir.Node) -> None:
     b_val = _initializer(graph, f"{name}.nf4", bnb)
     a_val = _initializer(graph, f"{name}.absmax", absmax.reshape(-1).astype(np.float32))
     param = "ck" if axis == 0 else "kc"
-    for use in weight_uses(node.outputs[0]):
+    for use in weight_uses(node.outputs[0], 2):
         consumer, index = use.node, use.index
         orientation = _flip(param) if use.transposed else param
         if _is(consumer, "Gemm") and index == 1:
