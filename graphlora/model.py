@@ -70,6 +70,7 @@ class LoraModel(nn.Module):
         self.source: dict[str, Any] = dict(source or {})
         self.pass_log: list[PassRecord] = list(pass_log or [])
         self._record_passes = False
+        self.fuse_siblings = True
         self.train(training)
 
     # ------------------------------------------------------------------ running
@@ -79,12 +80,32 @@ class LoraModel(nn.Module):
         if call is not None:
             args, kwargs = call.normalize(args, kwargs)
         try:
-            return self.graph_module(*args, **kwargs)
+            return self._executable()(*args, **kwargs)
         except Exception as exc:
             explained = _explain_input_error(exc)
             if explained is exc:
                 raise
             raise explained from exc
+
+    def _executable(self) -> fx.GraphModule:
+        """The module forward runs: the canonical graph, or its sibling-fused copy.
+
+        With ``fuse_siblings`` (the default) linear ops that read the same input — query, key
+        and value, and their LoRA ``A`` matrices — run as one GEMM each (see
+        :mod:`graphlora.passes.fuse_siblings`). The fused copy shares every tensor and submodule
+        with :attr:`graph_module` and is rebuilt whenever that graph is recompiled, so the
+        canonical graph stays what passes, ``graph_text``, saving and export see.
+        """
+        gm = self.graph_module
+        if not self.fuse_siblings or "forward" in gm.__dict__:  # e.g. FSDP's block-wise forward
+            return gm
+        cache = self.__dict__.get("_fused")
+        if cache is None or cache[0] is not gm._code:
+            from graphlora.passes.fuse_siblings import fused_copy
+
+            cache = (gm._code, fused_copy(gm))
+            self.__dict__["_fused"] = cache  # not a submodule: no duplicate state-dict entries
+        return cache[1]
 
     def train(self, mode: bool = True) -> "LoraModel":
         """Switch dropout (base and LoRA) in the graph; exported graphs refuse ``train()``."""

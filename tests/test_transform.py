@@ -259,3 +259,22 @@ def test_multiple_adapters_switch_and_disable():
         lm.set_adapter("nope")
     with pytest.raises(graphlora.AdapterError, match="not linear sites"):
         lm.add_adapter("bad", {"nowhere": graphlora.LoraSpec(rank=1, alpha=1.0)})
+
+
+def test_sibling_fusion_runs_one_gemm_per_shared_input_and_matches():
+    model = tiny_bert()
+    x = ids(3, 9)
+    lm = graphlora.transform(model, [LoraRule(r".*(query|key|value)", rank=2)], (x,))
+    _randomize_lora(lm)
+    fused = lm._executable()
+    splits = [n for n in fused.graph.nodes if n.target == torch.ops.aten.split_with_sizes.default]
+    assert len(splits) == 2 * 2  # per layer: the q/k/v base GEMM and the q/k/v LoRA-A GEMM
+    # the canonical graph is untouched: three separate sites per layer
+    assert sum(1 for n in lm.graph_module.graph.nodes if graphlora.meta.role(n) == "base") == 6
+    out = lm(x).last_hidden_state
+    lm.fuse_siblings = False
+    torch.testing.assert_close(out, lm(x).last_hidden_state, rtol=1e-5, atol=1e-6)
+    lm.fuse_siblings = True
+    out.sum().backward()
+    assert all(p.grad is not None for p in lm.lora_parameters())
+    assert not any(k.startswith("_fused") for k in lm.state_dict())

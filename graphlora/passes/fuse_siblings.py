@@ -1,0 +1,135 @@
+"""Horizontal fusion of sibling linear ops: one GEMM where several read the same input.
+
+Query, key and value projections read the same activation, and so do their LoRA ``A`` matrices.
+Running ``linear(x, cat([Wq, Wk, Wv]))`` once and splitting the result does the same arithmetic
+as three calls, but as one larger GEMM — and in backward one ``dx`` GEMM instead of three plus
+the additions that accumulate them. Eager PyTorch (and PEFT's module-per-layer design) cannot do
+this; a graph pass can.
+
+This is an *execution* optimisation: it is applied to a copy of the graph that
+:class:`~graphlora.LoraModel` runs (see ``LoraModel.fuse_siblings``), never to the canonical graph
+that other passes, saving and export work on. The weights are concatenated inside the graph on
+every forward (a copy of a few MB), so no tensor is duplicated and training updates are seen
+immediately.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+
+from graphlora import meta
+from graphlora.passes.base import GraphPass, PassResult
+
+aten = torch.ops.aten
+
+
+def _plain_linear(node: fx.Node) -> bool:
+    return (
+        node.op == "call_function"
+        and node.target == aten.linear.default
+        and not node.kwargs
+        and isinstance(node.args[1], fx.Node)
+    )
+
+
+def _weight_rows(node: fx.Node) -> int | None:
+    val = node.args[1].meta.get("val")
+    if val is None or val.dim() != 2:
+        return None
+    return int(val.shape[0])
+
+
+class FuseSiblingLinearsPass(GraphPass):
+    """Fuse ``aten.linear`` nodes that share their input (base sites and LoRA ``A``s alike)."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        groups: dict[tuple, list[fx.Node]] = defaultdict(list)
+        for node in gm.graph.nodes:
+            if not _plain_linear(node) or _weight_rows(node) is None:
+                continue
+            has_bias = len(node.args) > 2 and node.args[2] is not None
+            kind = "lora" if meta.role(node) == "lora_a" else "base"
+            groups[(node.args[0], kind, has_bias)].append(node)
+        modified = False
+        for (x, _, has_bias), nodes in groups.items():
+            if len(nodes) < 2:
+                continue
+            _fuse(gm, x, nodes, has_bias)
+            modified = True
+        return PassResult(gm, modified)
+
+
+def _constant_closure(node: fx.Node) -> list[fx.Node] | None:
+    """``node`` and everything it depends on, if that is only module tensors (no graph input)."""
+    seen: dict[fx.Node, None] = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        if n.op not in ("get_attr", "call_function"):
+            return None
+        seen[n] = None
+        stack.extend(n.all_input_nodes)
+    return list(seen)
+
+
+def _fuse(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], has_bias: bool) -> None:
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    nodes = sorted(nodes, key=order.__getitem__)
+    first = nodes[0]
+    # weights (parameter reads, dequantize chains) depend on module tensors only: hoist them
+    # above the first sibling so one fused op can read them all
+    operands = [a for n in nodes for a in n.args[1:] if isinstance(a, fx.Node)]
+    hoist: dict[fx.Node, None] = {}
+    for operand in operands:
+        closure = _constant_closure(operand)
+        if closure is None:
+            return
+        hoist.update(dict.fromkeys(closure))
+    for n in sorted(hoist, key=order.__getitem__):
+        if order[n] > order[first]:
+            first.prepend(n)
+    sizes = [_weight_rows(n) for n in nodes]
+    with graph.inserting_before(first):
+        w = graph.call_function(aten.cat.default, ([n.args[1] for n in nodes], 0))
+        args = (x, w)
+        if has_bias:
+            args = (x, w, graph.call_function(aten.cat.default, ([n.args[2] for n in nodes], 0)))
+        fused = graph.call_function(aten.linear.default, args)
+        parts = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
+        pieces = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(nodes))]
+    for n, piece in zip(nodes, pieces):
+        piece.meta.update({k: v for k, v in n.meta.items() if k != "val"})
+        n.replace_all_uses_with(piece)
+        graph.erase_node(n)
+
+
+def fused_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule running ``gm``'s graph with sibling linears fused.
+
+    The copy references ``gm``'s own submodules and tensors (``fx.GraphModule(root, graph)`` takes
+    attributes by reference), so parameters, buffers and observers are shared, not duplicated:
+    gradients, optimizer updates and calibration statistics land on the original objects.
+    """
+    import copy
+    import warnings
+
+    graph = fx.Graph(owning_module=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation notice
+        graph._codegen = copy.deepcopy(gm.graph._codegen)
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    fused = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    fused.meta = gm.meta
+    FuseSiblingLinearsPass()(fused)
+    fused.graph.lint()
+    fused.recompile()
+    fused.training = gm.training
+    return fused
