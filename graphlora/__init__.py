@@ -36,6 +36,13 @@ def export_onnx(model, path, example_args=(), example_kwargs=None, **kwargs):
     return _export_onnx(model, path, example_args, example_kwargs, **kwargs)
 
 
+def load_quantized(model, directory, example_args=(), example_kwargs=None, **kwargs):
+    """Rebuild a LoraModel from a ``save_pretrained(..., keep_quantized=True)`` directory."""
+    from graphlora.io.quantized_checkpoint import load_quantized as _load_quantized
+
+    return _load_quantized(model, directory, example_args, example_kwargs, **kwargs)
+
+
 def load_adapter(model, adapter_dir, **kwargs):
     """Load a PEFT LoRA adapter directory into a LoraModel (or transform a plain model with it).
 
@@ -76,6 +83,7 @@ __all__ = [
     "QuantLoraWorkflow",
     "TrainResult",
     "load_encodings",
+    "load_quantized",
     "qw_lora",
     "qwa_lora",
     "save_encodings",

@@ -379,8 +379,8 @@ def test_adapter_on_linear_sites_no_rule_matched(lora, saves, mlp):
 def test_save_option_errors(lora, tmp_path):
     with pytest.raises(InputError, match="contradicts"):
         lora.save_pretrained(tmp_path, only_save_adapters=True, save_adapters_separately=False)
-    with pytest.raises(GraphloraError, match="keep_quantized=True"):
-        lora.save_pretrained(tmp_path, save_adapters_separately=False, keep_quantized=True)
+    with pytest.raises(InputError, match="keep_quantized=True applies to saves with a base"):
+        lora.save_pretrained(tmp_path, only_save_adapters=True, keep_quantized=True)
     with pytest.raises(AdapterError, match="unknown adapter 'nope'"):
         lora.save_pretrained(tmp_path, only_save_adapters=True, adapter_name="nope")
     with pytest.raises(InputError, match="not both"):

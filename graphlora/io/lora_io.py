@@ -21,7 +21,9 @@ Kithara guide:
     an ordinary checkpoint for ``AutoModel.from_pretrained`` or ``module.load_state_dict``.
 
 A quantized base is saved dequantized (the float weights the model computes with) in both base
-layouts. ``keep_quantized=True`` is reserved for storing the quantized form and raises for now.
+layouts, so any library loads it. ``keep_quantized=True`` keeps its codes instead (graphlora's own
+format, read back by :func:`graphlora.load_quantized`; a merged save re-quantizes the merged
+weights with each site's rule) — see :mod:`graphlora.io.quantized_checkpoint`.
 
 Every save is all-or-nothing: the directory is built under a hidden staging name next to the
 target and renamed into place (:func:`graphlora.io.atomic.atomic_directory`), so an error half-way
@@ -34,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import json
 import os
 import re
 import warnings
@@ -48,7 +51,7 @@ import torch.nn as nn
 
 from graphlora import meta
 from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec
-from graphlora.errors import AdapterError, GraphloraError, GraphloraWarning, InputError
+from graphlora.errors import AdapterError, GraphloraWarning, InputError
 from graphlora.io.atomic import atomic_directory, atomic_write
 from graphlora.io.peft_format import (
     ADAPTER_CONFIG_NAME,
@@ -127,16 +130,11 @@ def save_pretrained(
             "build one with graphlora.transform()"
         )
     mode = _save_mode(only_save_adapters, save_adapters_separately, adapter_name, selected_adapters)
-    if keep_quantized:
-        raise GraphloraError(
-            "keep_quantized=True (saving the base in its quantized storage) is not supported yet: "
-            "saves store the float weights a quantized base computes with. Pass keep_quantized=False."
-        )
     target = Path(save_directory)
     if mode == "merged":
-        plan = _plan_merged(model, adapter_name)
+        plan = _plan_merged(model, adapter_name, keep_quantized)
     else:
-        plan = _plan_adapters(model, mode, adapter_name, selected_adapters)
+        plan = _plan_adapters(model, mode, adapter_name, selected_adapters, keep_quantized)
     with atomic_directory(target, overwrite=overwrite, keep=_not_ours(target)) as staging:
         plan.write(staging, max_shard_size)
         files = _relative_files(staging)
@@ -178,10 +176,16 @@ class _Plan:
     config: Any | None
     adapters: dict[str, tuple[list[LoraModule], dict[str, Any]]]  # subdir -> (modules, options)
     adapter_dirs: dict[str, str]
+    quantization: dict[str, Any] | None = None  # keep_quantized: encodings and rules
 
     def write(self, root: Path, max_shard_size: int | str) -> None:
         if self.state is not None:
             write_state_dict(self.state, root, max_shard_size=max_shard_size)
+        if self.quantization is not None:
+            from graphlora.io.quantized_checkpoint import QUANT_CONFIG_NAME
+
+            with atomic_write(root / QUANT_CONFIG_NAME, "w", encoding="utf-8") as f:
+                json.dump(self.quantization, f, indent=2)
         if self.config is not None:
             _write_config(self.config, root / CONFIG_NAME)
         for subdir, (modules, options) in self.adapters.items():
@@ -195,22 +199,37 @@ def _plan_adapters(
     mode: SaveMode,
     adapter_name: str | None,
     selected_adapters: Sequence[str] | None,
+    keep_quantized: bool = False,
 ) -> _Plan:
     layout = adapter_layout(model, adapter_name, selected_adapters)
     prefix = "" if mode == "adapters" else ADAPTERS_SUBDIR
     dirs = {name: "/".join(p for p in (prefix, sub) if p) for name, sub in layout.items()}
     adapters = {dirs[name]: _adapter_payload(model, name) for name in layout}
-    state = config = None
+    state = config = quantization = None
     if mode == "separate":
-        state = _original_keys(model, model.base_state_dict(), what="base")
+        if keep_quantized:
+            from graphlora.io.quantized_checkpoint import quantized_state
+
+            state, quantization = quantized_state(model.graph_module, model.rules)
+        else:
+            state = _original_keys(model, model.base_state_dict(), what="base")
         config = _export_config(model, untied=[])
-    return _Plan(state=state, config=config, adapters=adapters, adapter_dirs=dirs)
+    elif keep_quantized:
+        raise InputError("keep_quantized=True applies to saves with a base model; this one saves adapters only")
+    return _Plan(state=state, config=config, adapters=adapters, adapter_dirs=dirs, quantization=quantization)
 
 
-def _plan_merged(model: LoraModel, adapter_name: str | None) -> _Plan:
+def _plan_merged(model: LoraModel, adapter_name: str | None, keep_quantized: bool = False) -> _Plan:
     names = model.active_adapters if adapter_name is None else [adapter_name]
     with _active_as(model, names):
         merged = model.merge()
+    if keep_quantized:
+        from graphlora.io.quantized_checkpoint import quantized_state, requantize_merged
+
+        requantize_merged(merged)
+        state, quantization = quantized_state(merged, model.rules)
+        return _Plan(state=state, config=_export_config(model, []), adapters={}, adapter_dirs={},
+                     quantization=quantization)
     raw = merged.state_dict()
     state = {k: v for k, v in raw.items() if not k.endswith(MERGED_SUFFIX)}
     untied = []

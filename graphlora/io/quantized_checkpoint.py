@@ -1,0 +1,147 @@
+"""Saving a quantized base *as it is stored* (``keep_quantized=True``) and loading it back.
+
+A QLoRA base is int4/nf4 codes plus scales; saving it dequantized (the default, so any library
+can load it) multiplies its size by 8. With ``keep_quantized=True`` the checkpoint keeps the
+codes. Layout, next to the usual files of the chosen save mode:
+
+``model.safetensors``
+    every float tensor of the base under its original key, and for each quantized weight its
+    stored codes under ``<original key>.qcodes`` (packed two per byte for 4-bit qtypes,
+    channel-major; see :mod:`graphlora.quant.encoding`).
+``graphlora_quantization.json``
+    ``{"format": "graphlora-quantized", "version": 1, "rules": [...], "weights": {key:
+    encoding}}`` — the rules the model was transformed with and, per quantized weight, its
+    encoding in the encodings-file schema (scale, offset, qtype, axis, shape, block size).
+
+Such a checkpoint is graphlora's own format (transformers cannot load codes into a float model):
+:func:`load_quantized` rebuilds the LoraModel — trace, rules, then the saved codes installed
+exactly, without re-quantizing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphlora.errors import FileFormatError
+from graphlora.quant import Encoding
+
+QUANT_CONFIG_NAME = "graphlora_quantization.json"
+CODES_SUFFIX = ".qcodes"
+FORMAT = "graphlora-quantized"
+
+
+def quantized_state(gm, rules) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, config) for a keep-quantized save of the base held by graph module ``gm``.
+
+    Float tensors keep their original keys; each quantized weight contributes its codes; the
+    config holds the encodings and the ``rules`` the model was transformed with.
+    """
+    from graphlora import meta
+    from graphlora.rules_file import dump_rules
+
+    tensors = {k: v for k, v in gm.state_dict().items() if not k.startswith("graphlora_")}
+    weights: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        info = meta.info(node)
+        if info.get("role") != "dequant" or "encoding" not in info:
+            continue
+        name = info["tensor"]
+        encoding: Encoding = info["encoding"]
+        storage = gm.get_buffer(node.args[0].target)
+        tensors[name + CODES_SUFFIX] = storage.detach().contiguous()
+        weights[name] = encoding.to_dict(name)
+    config = {
+        "format": FORMAT,
+        "version": 1,
+        "rules": json.loads(dump_rules(rules, "json"))["rules"] if rules else [],
+        "weights": weights,
+    }
+    return tensors, config
+
+
+def requantize_merged(gm) -> None:
+    """Quantize a merged graph's weights again, each with its site's rule (packed storage).
+
+    Merging moved the weights off their grid, so encodings are recomputed with the rule's
+    round-to-nearest method (``gptq`` needs data: its sites use ``mse`` here).
+    """
+    import dataclasses
+
+    from graphlora import meta
+    from graphlora.passes.quantize_weights import QuantizeWeightsPass
+    from graphlora.sites import tagged_sites
+
+    for site in tagged_sites(gm):
+        rule = site.rule
+        if rule is not None and rule.weight_calibration == "gptq":
+            meta.tag(site.node, "base", rule=dataclasses.replace(rule, weight_calibration="mse"))
+    QuantizeWeightsPass(storage="packed")(gm)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def load_quantized(
+    model: torch.nn.Module,
+    directory: str | os.PathLike,
+    example_args: tuple = (),
+    example_kwargs: dict[str, Any] | None = None,
+    **transform_kwargs: Any,
+):
+    """Rebuild a LoraModel from a ``keep_quantized=True`` save of ``directory``.
+
+    ``model`` provides the architecture (its float weights are replaced by the saved ones);
+    example inputs are needed for tracing as in :func:`graphlora.transform`. Adapters saved
+    alongside (``adapters/``) are loaded too.
+    """
+    from graphlora.io.safetensors_io import load_state_dict
+    from graphlora.passes.quantize_weights import install_encoding
+    from graphlora.passes.weights import groups_by_weight
+    from graphlora.pipeline import transform
+    from graphlora.rules_file import rules_from_data
+    from graphlora.sites import tagged_sites
+
+    root = Path(directory)
+    config_path = root / QUANT_CONFIG_NAME
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileFormatError(
+            f"{root} has no {QUANT_CONFIG_NAME}: it is not a keep_quantized save "
+            "(load float checkpoints with from_pretrained / load_state_dict)"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise FileFormatError(f"{config_path} is not valid JSON (line {exc.lineno})") from None
+    if config.get("format") != FORMAT:
+        raise FileFormatError(f"{config_path}: format is {config.get('format')!r}, expected {FORMAT!r}")
+    rules = rules_from_data({"rules": config["rules"]}, source=str(config_path))
+    state = load_state_dict(root)
+    lm = transform(model, rules, example_args, example_kwargs, quantize_weights=False, **transform_kwargs)
+    gm = lm.graph_module
+    groups = groups_by_weight(tagged_sites(gm))
+    for name, entry in config["weights"].items():
+        if name not in groups:
+            raise FileFormatError(f"{config_path}: quantized weight {name!r} is not a linear site of this model")
+        key = name + CODES_SUFFIX
+        if key not in state:
+            raise FileFormatError(f"{root}: the codes of {name!r} ({key}) are missing")
+        encoding = Encoding.from_dict(entry)
+        codes = encoding.unpack(state.pop(key))
+        install_encoding(gm, groups[name], encoding, "packed", codes=codes, method="loaded")
+        groups = groups_by_weight(tagged_sites(gm))
+    own = dict(gm.state_dict())
+    unexpected = sorted(k for k in state if k not in own)
+    if unexpected:
+        raise FileFormatError(f"{root}: tensors that do not belong to this model: {', '.join(unexpected[:5])}")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+    gm.recompile()
+    adapters = root / "adapters"
+    if (adapters / "adapter_config.json").exists():
+        lm.load_adapter(adapters)
+    return lm
