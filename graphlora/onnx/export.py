@@ -405,23 +405,34 @@ def save_model(model, path: str | os.PathLike, *, external_data: bool | None = N
     data_name = f"{path.name}.{secrets.token_hex(4)}.data"
     data_path = path.parent / data_name
     path.parent.mkdir(parents=True, exist_ok=True)
-    committed = False
+    written: list[int] = []  # inode of the new model file, to tell whether the rename happened
     try:
         with atomic_path(path) as tmp:
             ir.save(model, tmp, external_data=data_name)
             _fsync(data_path)
             _check(str(tmp))
-        committed = True
+            written.append(os.stat(tmp).st_ino)
     finally:
+        # An error after the rename (the commit point: e.g. fsync of the directory) leaves the
+        # new model in place, and it needs its data file; before it, the data file is an orphan.
+        committed = bool(written) and _inode(path) == written[0]
         if not committed:
             with contextlib.suppress(FileNotFoundError):
                 data_path.unlink()
-    for stale in path.parent.glob(f"{path.name}.*.data"):
-        if stale.name != data_name:
-            with contextlib.suppress(OSError):
-                stale.unlink()
+        else:
+            for stale in path.parent.glob(f"{path.name}.*.data"):
+                if stale.name != data_name:
+                    with contextlib.suppress(OSError):
+                        stale.unlink()
     del onnx
     return data_path
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _fsync(path: Path) -> None:

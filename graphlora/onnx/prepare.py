@@ -289,6 +289,13 @@ def _merge(gm: fx.GraphModule) -> None:
     for name, group in _groups(gm).items():
         if name not in deltas:
             continue
+        paths = sorted({s.module_path for s in group})
+        if len(paths) > 1:  # one tensor, one merged value: it cannot hold two paths' deltas
+            raise ExportError(
+                f"lora='merged' cannot fold LoRA into {name!r}: the weight is tied across module "
+                f"paths {', '.join(paths)}, which would need different merged weights; export with "
+                "lora='branch'"
+            )
         weight = group[0].param_value().detach().float() + deltas[name]
         on_grid = meta.info(group[0].node).get("weight_encoding")
         dq = _dequant_node(group[0])

@@ -40,29 +40,61 @@ class MergeLoraPass(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         RemoveLoraPass().call(gm)
         modified = False
-        for sites in groups_by_weight(tagged_sites(gm)).values():
-            path = sites[0].module_path
-            deltas = [
-                lora_delta(gm, name, path, specs[path])
-                for name, specs in self.adapters.items()
-                if path in specs
-            ]
-            if not deltas:
-                continue
-            spec = sites[0].spec
-            base = sites[0].param_value().detach()
-            delta = sum(deltas)
-            delta = delta if spec.param_layout == "out_in" else delta.t()
-            merged = (base.float() + delta).to(getattr(torch, spec.weight_dtype))
-            replace_with_tensor(gm, sites, merged, suffix="merged")
-            for site in sites:  # the merged weight is float, off any quantization grid
-                info = site.node.meta["graphlora"]
-                info.pop("weight_qtype", None)
-                info.pop("weight_encoding", None)
-            modified = True
+        for group in groups_by_weight(tagged_sites(gm)).values():
+            for path, sites, name in _by_module_path(gm, group):
+                deltas = [
+                    lora_delta(gm, adapter, path, specs[path])
+                    for adapter, specs in self.adapters.items()
+                    if path in specs
+                ]
+                if not deltas:
+                    continue
+                spec = sites[0].spec
+                base = sites[0].param_value().detach()
+                delta = sum(deltas)
+                delta = delta if spec.param_layout == "out_in" else delta.t()
+                merged = (base.float() + delta).to(getattr(torch, spec.weight_dtype))
+                replace_with_tensor(gm, sites, merged, suffix="merged", name=name)
+                for site in sites:  # the merged weight is float, off any quantization grid
+                    info = site.node.meta["graphlora"]
+                    info.pop("weight_qtype", None)
+                    info.pop("weight_encoding", None)
+                modified = True
         _drop_unread_graphlora_tensors(gm)
         gm._modules.pop(ADAPTERS_ROOT, None)
         return PassResult(gm, modified)
+
+
+def _by_module_path(gm: fx.GraphModule, group: list) -> list[tuple[str, list, str | None]]:
+    """The sites of one weight by module path: ``(path, sites, name)``.
+
+    A weight tied across modules (one tensor read by sites of several module paths) gets each
+    path's own adapter delta, so each path needs its own merged tensor. The path owning the
+    parameter's name comes last and keeps the default naming (``name`` None); the others are
+    stored as ``<their alias>__merged`` (e.g. ``blocks.0.lin.weight__merged``), which a merged
+    save writes under the alias, untied.
+    """
+    paths: dict[str, list] = {}
+    for site in group:
+        paths.setdefault(site.module_path, []).append(site)
+    if len(paths) == 1:
+        return [(path, sites, None) for path, sites in paths.items()]
+    weight_name = group[0].spec.weight_name
+    param = get_tensor(gm, weight_name)
+    aliases = [n for n, p in gm.named_parameters(remove_duplicate=False) if p is param]
+
+    def owner(alias: str) -> str:
+        head, _, leaf = alias.rpartition(".")
+        return head if leaf == "weight" else alias
+
+    out, last = [], []
+    for i, (path, sites) in enumerate(paths.items()):
+        if owner(weight_name) == path:
+            last.append((path, sites, None))
+            continue
+        alias = next((a for a in aliases if owner(a) == path), f"{weight_name}__{i}")
+        out.append((path, sites, f"{alias}__merged"))
+    return out + last
 
 
 def _drop_unread_graphlora_tensors(gm: fx.GraphModule) -> None:

@@ -30,10 +30,16 @@ def weight_readers(gm: fx.GraphModule, name: str) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == name]
 
 
-def replace_with_tensor(gm: fx.GraphModule, sites: list[LinearSite], value: torch.Tensor, *, suffix: str) -> str:
-    """Make ``sites`` compute with float ``value`` (parameter layout); return its final name."""
+def replace_with_tensor(
+    gm: fx.GraphModule, sites: list[LinearSite], value: torch.Tensor, *, suffix: str, name: str | None = None
+) -> str:
+    """Make ``sites`` compute with float ``value`` (parameter layout); return its final name.
+
+    ``name`` stores ``value`` under exactly that name, never renamed to the parameter's own (for
+    sites that read a tied weight under another module path and get a value of their own).
+    """
     original = sites[0].spec.weight_name
-    temp = f"{original}__{suffix}"
+    temp = name or f"{original}__{suffix}"
     set_tensor(gm, temp, nn.Parameter(value.detach(), requires_grad=False), parameter=True)
     mode = fake_mode(gm)
     old = [s.weight_input for s in sites]
@@ -42,7 +48,7 @@ def replace_with_tensor(gm: fx.GraphModule, sites: list[LinearSite], value: torc
             read = insert_get_attr(gm.graph, temp, mode=mode)
         site.feed_param(read)
     erase_unused_chain(old)
-    if weight_readers(gm, original):
+    if name is not None or weight_readers(gm, original):
         return temp  # still read elsewhere (tied): both live on under their own names
     set_tensor(gm, original, get_tensor(gm, temp), parameter=True)
     delete_tensor(gm, temp)
