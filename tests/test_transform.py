@@ -261,20 +261,40 @@ def test_multiple_adapters_switch_and_disable():
         lm.add_adapter("bad", {"nowhere": graphlora.LoraSpec(rank=1, alpha=1.0)})
 
 
-def test_sibling_fusion_runs_one_gemm_per_shared_input_and_matches():
+def test_execution_fusions_match_the_canonical_graph_with_gradients():
     model = tiny_bert()
     x = ids(3, 9)
-    lm = graphlora.transform(model, [LoraRule(r".*(query|key|value)", rank=2)], (x,))
+    lm = graphlora.transform(model, [LoraRule(r".*(query|key|value|output\.dense)", rank=2, alpha=3.0)], (x,))
     _randomize_lora(lm)
     fused = lm._executable()
-    splits = [n for n in fused.graph.nodes if n.target == torch.ops.aten.split_with_sizes.default]
-    assert len(splits) == 2 * 2  # per layer: the q/k/v base GEMM and the q/k/v LoRA-A GEMM
-    # the canonical graph is untouched: three separate sites per layer
-    assert sum(1 for n in lm.graph_module.graph.nodes if graphlora.meta.role(n) == "base") == 6
+    targets = [n.target for n in fused.graph.nodes]
+    # per layer: q/k/v + their LoRA branches become one lora_linear GEMM; each output.dense site
+    # becomes a lora_linear of its own
+    assert targets.count(torch.ops.aten.split_with_sizes.default) == 2
+    assert targets.count(torch.ops.graphlora.lora_linear.default) == 2 + 2 * 2
+    # the canonical graph is untouched: separate sites and branches
+    assert sum(1 for n in lm.graph_module.graph.nodes if graphlora.meta.role(n) == "lora_add") == 10
     out = lm(x).last_hidden_state
+    out.pow(2).sum().backward()
+    grads = {k: p.grad.clone() for k, p in lm.named_lora_parameters()}
+    lm.zero_grad()
     lm.fuse_siblings = False
-    torch.testing.assert_close(out, lm(x).last_hidden_state, rtol=1e-5, atol=1e-6)
-    lm.fuse_siblings = True
-    out.sum().backward()
-    assert all(p.grad is not None for p in lm.lora_parameters())
+    ref = lm(x).last_hidden_state
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for k, p in lm.named_lora_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6)
     assert not any(k.startswith("_fused") for k in lm.state_dict())
+
+
+def test_lora_linear_op_checks():
+    from graphlora.passes import fuse_lora  # noqa: F401
+
+    x = torch.randn(2, 5, 6, requires_grad=True)
+    w, b = torch.randn(4, 6), torch.randn(4)
+    a = torch.randn(3, 6, requires_grad=True)
+    bb = torch.randn(4, 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.graphlora.lora_linear.default, (x, w, b, a, bb, 0.5))
+    y = torch.ops.graphlora.lora_linear(x, w, b, a, bb, 0.5)
+    ref = torch.nn.functional.linear(x, w, b) + 0.5 * (x @ a.T) @ bb.T
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

@@ -22,9 +22,11 @@ import torch
 import torch.fx as fx
 
 from graphlora import meta
+from graphlora.passes import fuse_lora  # noqa: F401  (registers graphlora::lora_linear)
 from graphlora.passes.base import GraphPass, PassResult
 
 aten = torch.ops.aten
+LORA_LINEAR = torch.ops.graphlora.lora_linear.default
 
 
 def _plain_linear(node: fx.Node) -> bool:
@@ -54,13 +56,73 @@ class FuseSiblingLinearsPass(GraphPass):
             has_bias = len(node.args) > 2 and node.args[2] is not None
             kind = "lora" if meta.role(node) == "lora_a" else "base"
             groups[(node.args[0], kind, has_bias)].append(node)
+        lora_groups: dict[tuple, list[fx.Node]] = defaultdict(list)
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target == LORA_LINEAR:
+                lora_groups[(node.args[0], node.args[2] is not None)].append(node)
         modified = False
         for (x, _, has_bias), nodes in groups.items():
             if len(nodes) < 2:
                 continue
             _fuse(gm, x, nodes, has_bias)
             modified = True
+        for (x, has_bias), nodes in lora_groups.items():
+            if len(nodes) < 2:
+                continue
+            _fuse_lora(gm, x, nodes, has_bias)
+            modified = True
         return PassResult(gm, modified)
+
+
+def _fuse_lora(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], has_bias: bool) -> None:
+    """Siblings with LoRA: one ``lora_linear`` over the concatenated base weights, the stacked
+    ``A`` matrices and a block-diagonal ``B`` (each block pre-scaled), then split."""
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    nodes = sorted(nodes, key=order.__getitem__)
+    if not _hoist_operands(graph, nodes, order, (1, 2, 3, 4)):
+        return
+    sizes = [_rows(n.args[1]) for n in nodes]
+    if None in sizes:
+        return
+    first = nodes[0]
+    with graph.inserting_before(first):
+        w = graph.call_function(aten.cat.default, ([n.args[1] for n in nodes], 0))
+        b = graph.call_function(aten.cat.default, ([n.args[2] for n in nodes], 0)) if has_bias else None
+        a = graph.call_function(aten.cat.default, ([n.args[3] for n in nodes], 0))
+        scaled = [graph.call_function(aten.mul.Tensor, (n.args[4], n.args[5])) for n in nodes]
+        bd = graph.call_function(torch.block_diag, tuple(scaled))
+        fused = graph.call_function(LORA_LINEAR, (x, w, b, a, bd, 1.0))
+        parts = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
+        pieces = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(nodes))]
+    for n, piece in zip(nodes, pieces):
+        piece.meta.update({k: v for k, v in n.meta.items() if k != "val"})
+        n.replace_all_uses_with(piece)
+        graph.erase_node(n)
+
+
+def _rows(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    return int(val.shape[0]) if val is not None and val.dim() == 2 else None
+
+
+def _hoist_operands(graph: fx.Graph, nodes: list[fx.Node], order: dict, positions) -> bool:
+    """Move the constant operands (weights) of ``nodes`` above the first of them."""
+    first = nodes[0]
+    hoist: dict[fx.Node, None] = {}
+    for n in nodes:
+        for i in positions:
+            operand = n.args[i] if i < len(n.args) else None
+            if not isinstance(operand, fx.Node):
+                continue
+            closure = _constant_closure(operand)
+            if closure is None:
+                return False
+            hoist.update(dict.fromkeys(closure))
+    for n in sorted(hoist, key=order.__getitem__):
+        if order[n] > order[first]:
+            first.prepend(n)
+    return True
 
 
 def _constant_closure(node: fx.Node) -> list[fx.Node] | None:
@@ -85,16 +147,8 @@ def _fuse(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], has_bias: bool) 
     first = nodes[0]
     # weights (parameter reads, dequantize chains) depend on module tensors only: hoist them
     # above the first sibling so one fused op can read them all
-    operands = [a for n in nodes for a in n.args[1:] if isinstance(a, fx.Node)]
-    hoist: dict[fx.Node, None] = {}
-    for operand in operands:
-        closure = _constant_closure(operand)
-        if closure is None:
-            return
-        hoist.update(dict.fromkeys(closure))
-    for n in sorted(hoist, key=order.__getitem__):
-        if order[n] > order[first]:
-            first.prepend(n)
+    if not _hoist_operands(graph, nodes, order, (1, 2)):
+        return
     sizes = [_weight_rows(n) for n in nodes]
     with graph.inserting_before(first):
         w = graph.call_function(aten.cat.default, ([n.args[1] for n in nodes], 0))
@@ -128,6 +182,9 @@ def fused_copy(gm: fx.GraphModule) -> fx.GraphModule:
     graph.output(out)
     fused = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     fused.meta = gm.meta
+    from graphlora.passes.fuse_lora import FuseLoraLinearPass
+
+    FuseLoraLinearPass()(fused)
     FuseSiblingLinearsPass()(fused)
     fused.graph.lint()
     fused.recompile()

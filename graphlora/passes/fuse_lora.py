@@ -1,0 +1,117 @@
+"""Fuse a linear site and its LoRA branch into one op with a hand-written backward.
+
+``y = x W^T + b + s (x A^T) B^T`` is, for the forward, ``x (W + s B A)^T + b``: one GEMM with an
+effective weight that costs ``r * in * out`` to build — tiny next to the ``N * in * out`` GEMM when
+the batch has many tokens. Autograd through that form would compute the full weight gradient
+``dY^T x``, so the op has its own backward using the low-rank structure:
+
+* ``dx = dY (W + s B A)`` — one GEMM, instead of the base's ``dx`` plus the branch's plus an add;
+* ``dB = s dY^T (x A^T)`` and ``dA = s (dY B)^T x`` — the same small GEMMs as before.
+
+Per site that saves two small GEMMs and two elementwise passes over the activations, in forward
+and backward. Like sibling fusion this is an *execution* rewrite, applied to the copy of the graph
+:class:`~graphlora.LoraModel` runs, never to the canonical graph. Sites with LoRA dropout are left
+alone (dropout applies to the branch's input only, which the effective weight cannot express).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from graphlora import meta
+from graphlora.passes.base import GraphPass, PassResult
+
+aten = torch.ops.aten
+
+
+@torch.library.custom_op("graphlora::lora_linear", mutates_args=())
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``linear(x, weight, bias) + scale * linear(linear(x, lora_a), lora_b)``, in one GEMM."""
+    effective = torch.addmm(weight, lora_b, lora_a, alpha=scale)
+    return torch.nn.functional.linear(x, effective, bias)
+
+
+@lora_linear.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, _, lora_a, lora_b, scale = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad):
+    x, weight, lora_a, lora_b = ctx.saved_tensors
+    s = ctx.scale
+    need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+    g2 = grad.reshape(-1, grad.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    dx = dbias = da = db = None
+    if need_x:
+        effective = torch.addmm(weight, lora_b, lora_a, alpha=s)
+        dx = (g2 @ effective).reshape(x.shape)
+    if need_bias:
+        dbias = g2.sum(0)
+    if need_b:
+        db = (g2.t() @ (x2 @ lora_a.t())) * s
+    if need_a:
+        da = ((g2 @ lora_b).t() @ x2) * s
+    return dx, None, dbias, da, db, None
+
+
+lora_linear.register_autograd(_backward, setup_context=_setup)
+
+
+def _branch(add: fx.Node) -> dict[str, fx.Node] | None:
+    """The nodes of one standard LoRA branch ending at ``add`` (None for other shapes)."""
+    base, b_out = add.args
+    if not isinstance(b_out, fx.Node) or meta.role(b_out) != "lora_b" or b_out.target != aten.linear.default:
+        return None
+    scaled = b_out.args[0]
+    if meta.role(scaled) != "lora_scale" or not isinstance(scaled.args[1], float):
+        return None
+    a_out = scaled.args[0]
+    if meta.role(a_out) != "lora_a" or a_out.target != aten.linear.default:
+        return None
+    if meta.role(base) != "base" or base.target != aten.linear.default or base.kwargs:
+        return None
+    if a_out.args[0] is not base.args[0]:
+        return None  # dropout or quantization on the branch input
+    if any(len(n.users) != 1 for n in (a_out, scaled, b_out)) or len(base.users) != 1:
+        return None
+    return {"base": base, "a": a_out, "scale": scaled, "b": b_out}
+
+
+class FuseLoraLinearPass(GraphPass):
+    """Replace ``base linear + LoRA branch + add`` by one ``graphlora::lora_linear`` node."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for add in [n for n in gm.graph.nodes if meta.role(n) == "lora_add"]:
+            parts = _branch(add)
+            if parts is None:
+                continue
+            base = parts["base"]
+            x, weight = base.args[0], base.args[1]
+            bias = base.args[2] if len(base.args) > 2 else None
+            with gm.graph.inserting_before(add):
+                fused = gm.graph.call_function(
+                    torch.ops.graphlora.lora_linear.default,
+                    (x, weight, bias, parts["a"].args[1], parts["b"].args[1], parts["scale"].args[1]),
+                )
+            fused.meta.update(add.meta)
+            add.replace_all_uses_with(fused)
+            for n in (add, parts["b"], parts["scale"], parts["a"], base):
+                gm.graph.erase_node(n)
+            modified = True
+        return PassResult(gm, modified)
