@@ -80,20 +80,24 @@ def _by_module_path(gm: fx.GraphModule, group: list) -> list[tuple[str, list, st
     if len(paths) == 1:
         return [(path, sites, None) for path, sites in paths.items()]
     weight_name = group[0].spec.weight_name
-    param = get_tensor(gm, weight_name)
-    aliases = [n for n, p in gm.named_parameters(remove_duplicate=False) if p is param]
+    head, _, leaf = weight_name.rpartition(".")
+    owner = head if leaf == "weight" else weight_name  # as graphlora.sites names a site's path
 
-    def owner(alias: str) -> str:
-        head, _, leaf = alias.rpartition(".")
-        return head if leaf == "weight" else alias
+    def alias(path: str) -> str:
+        """The parameter's name under ``path``: ``<path>.weight``, or ``path`` itself for a bare
+        parameter (the tensor may be gone already: a quantized weight is read through buffers)."""
+        try:
+            gm.get_submodule(path)
+        except AttributeError:
+            return path
+        return f"{path}.weight"
 
     out, last = [], []
-    for i, (path, sites) in enumerate(paths.items()):
-        if owner(weight_name) == path:
+    for path, sites in paths.items():
+        if path == owner:
             last.append((path, sites, None))
-            continue
-        alias = next((a for a in aliases if owner(a) == path), f"{weight_name}__{i}")
-        out.append((path, sites, f"{alias}__merged"))
+        else:
+            out.append((path, sites, f"{alias(path)}__merged"))
     return out + last
 
 
