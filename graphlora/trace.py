@@ -79,7 +79,7 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
     with _eval_mode(model):
         attempts = [True, False] if dynamic else [False]
         for use_dynamic in attempts:
-            shapes = _auto_dynamic_shapes(model, args, kwargs) if use_dynamic else None
+            shapes = auto_dynamic_shapes(model.forward, args, kwargs) if use_dynamic else None
             try:
                 exported = torch.export.export(
                     model, args, kwargs, dynamic_shapes=shapes, strict=False
@@ -133,13 +133,21 @@ def _raise_if_inputs_do_not_fit(model: nn.Module, args: tuple, kwargs: dict) -> 
         ) from exc
 
 
-def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
-    """``Dim.AUTO`` for every dimension of every tensor input, keyed by parameter name."""
+def auto_dynamic_shapes(forward, args: tuple, kwargs: dict, *, static_float_features: bool = False):
+    """``Dim.AUTO`` for every dimension of every tensor input, keyed by parameter name.
+
+    ``static_float_features`` keeps the last dimension of float inputs static (a feature
+    dimension, which ONNX consumers expect fixed). None when the inputs do not bind to
+    ``forward``'s signature.
+    """
     from torch.export import Dim
 
     def spec(value):
         if isinstance(value, torch.Tensor):
-            return {i: Dim.AUTO for i in range(value.dim())} if value.dim() else None
+            dims = range(value.dim())
+            if static_float_features and value.is_floating_point():
+                dims = range(value.dim() - 1)
+            return {i: Dim.AUTO for i in dims} or None
         if isinstance(value, (list, tuple)):
             return type(value)(spec(v) for v in value)
         if isinstance(value, dict):
@@ -147,13 +155,10 @@ def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
         return None
 
     try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        bound = inspect.signature(forward).bind(*args, **kwargs)
     except (TypeError, ValueError):
         return None
-    shapes = {}
-    for name, value in bound.arguments.items():
-        shapes[name] = spec(value)
-    return shapes
+    return {name: spec(value) for name, value in bound.arguments.items()}
 
 
 def _export_failure_message(model: nn.Module, errors: list[str]) -> str:

@@ -157,25 +157,15 @@ def _graph_module(model: nn.Module) -> fx.GraphModule:
 
 def default_dynamic_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict | None:
     """``Dim.AUTO`` for every dimension except the last (feature) one of float inputs."""
-    from torch.export import Dim
+    from graphlora.trace import auto_dynamic_shapes
 
-    def spec(value):
-        if isinstance(value, torch.Tensor):
-            if value.dim() == 0:
-                return None
-            dims = range(value.dim() - 1) if value.is_floating_point() else range(value.dim())
-            return {i: Dim.AUTO for i in dims} or None
-        if isinstance(value, (list, tuple)):
-            return type(value)(spec(v) for v in value)
-        if isinstance(value, dict):
-            return {k: spec(v) for k, v in value.items()}
-        return None
-
-    try:
-        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ExportError(f"example inputs do not fit the model's forward: {exc}") from None
-    return {name: spec(value) for name, value in bound.arguments.items()}
+    shapes = auto_dynamic_shapes(gm.forward, args, kwargs, static_float_features=True)
+    if shapes is None:
+        try:
+            inspect.signature(gm.forward).bind(*args, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ExportError(f"example inputs do not fit the model's forward: {exc}") from None
+    return shapes
 
 
 def _to_onnx(gm: fx.GraphModule, args: tuple, kwargs: dict, opset: int, dynamic_shapes):

@@ -20,6 +20,7 @@ Steps, as in the paper's Algorithm 1:
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from dataclasses import dataclass
 
@@ -50,6 +51,15 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _single_threaded(fn):
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with single_thread():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 class HessianAccumulator:
@@ -129,6 +139,7 @@ def _inverse_hessian_factor(h: torch.Tensor, percdamp: float, name: str | None) 
             f"raise percdamp (now {percdamp}) or use more calibration data ({exc})") from None
 
 
+@_single_threaded
 def gptq_quantize(
     w: torch.Tensor,
     hessian: torch.Tensor,
@@ -148,30 +159,8 @@ def gptq_quantize(
     ``axis`` is the output-channel axis (0 for ``(out, in)``, 1 for ``(in, out)``);
     ``block_size`` gives per-group scales along the input axis (None: per-channel). ``method``
     picks each channel's/group's range as in :func:`calibrate_weight` (absmax, minmax or mse).
+    Runs on one thread: thousands of tiny ops, where threads only add wake-up costs.
     """
-    with single_thread():  # thousands of tiny ops: threads only add wake-up costs
-        return _gptq_quantize(
-            w, hessian, qtype=qtype, axis=axis, block_size=block_size, method=method,
-            symmetric=symmetric, scale_dtype=scale_dtype, percdamp=percdamp,
-            lazy_batch=lazy_batch, name=name,
-        )
-
-
-def _gptq_quantize(
-    w: torch.Tensor,
-    hessian: torch.Tensor,
-    qtype: str | QType = "int4",
-    *,
-    axis: int = 0,
-    block_size: int | None = None,
-    method: Method = "minmax",
-    symmetric: bool | None = None,
-    scale_dtype: torch.dtype = torch.float32,
-    percdamp: float = 0.01,
-    lazy_batch: int = 128,
-    name: str | None = None,
-) -> GPTQResult:
-    """The algorithm itself (see :func:`gptq_quantize`)."""
 
     qt = check_qtype_use(qtype, "weight")
     if qt.kind == "float8":
