@@ -95,6 +95,10 @@ def _fuse_lora(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], has_bias: b
         fused = graph.call_function(LORA_LINEAR, (x, w, b, a, bd, 1.0))
         parts = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
         pieces = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(nodes))]
+    _replace(graph, nodes, pieces)
+
+
+def _replace(graph: fx.Graph, nodes: list[fx.Node], pieces: list[fx.Node]) -> None:
     for n, piece in zip(nodes, pieces):
         piece.meta.update({k: v for k, v in n.meta.items() if k != "val"})
         n.replace_all_uses_with(piece)
@@ -158,10 +162,7 @@ def _fuse(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], has_bias: bool) 
         fused = graph.call_function(aten.linear.default, args)
         parts = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
         pieces = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(nodes))]
-    for n, piece in zip(nodes, pieces):
-        piece.meta.update({k: v for k, v in n.meta.items() if k != "val"})
-        n.replace_all_uses_with(piece)
-        graph.erase_node(n)
+    _replace(graph, nodes, pieces)
 
 
 def fused_copy(gm: fx.GraphModule) -> fx.GraphModule:
