@@ -67,11 +67,11 @@ def run(steps: int = 10, warmup: int = 3, compile_too: bool = True, threads: int
     # interleave the runs so machine noise hits all alike; keep each one's best round
     for rnd in range(rounds):
         results.setdefault("peft_eager_s", []).append(_time_steps(peft_model, peft_params, batch, steps, warmup))
-        lm.fuse_siblings = True
+        lm.fused_execution = True
         results.setdefault("graphlora_eager_s", []).append(_time_steps(lm, g_params, batch, steps, warmup))
-        lm.fuse_siblings = False  # ablation: the same graph without sibling fusion
+        lm.fused_execution = False  # ablation: the same graph without sibling fusion
         results.setdefault("graphlora_unfused_eager_s", []).append(_time_steps(lm, g_params, batch, steps, warmup))
-        lm.fuse_siblings = True
+        lm.fused_execution = True
     results = {k: min(v) for k, v in results.items()}
     results["ratio_eager"] = results["graphlora_eager_s"] / results["peft_eager_s"]
     results["ratio_eager_unfused"] = results["graphlora_unfused_eager_s"] / results["peft_eager_s"]

@@ -70,7 +70,9 @@ class LoraModel(nn.Module):
         self.source: dict[str, Any] = dict(source or {})
         self.pass_log: list[PassRecord] = list(pass_log or [])
         self._record_passes = False
-        self.fuse_siblings = True
+        # run the execution-fused copy of the graph (see _executable); False runs the canonical
+        # graph op for op, e.g. to compare with another library without summation-order noise
+        self.fused_execution = True
         self.train(training)
 
     # ------------------------------------------------------------------ running
@@ -88,16 +90,18 @@ class LoraModel(nn.Module):
             raise explained from exc
 
     def _executable(self) -> fx.GraphModule:
-        """The module forward runs: the canonical graph, or its sibling-fused copy.
+        """The module forward runs: the canonical graph, or its execution-fused copy.
 
-        With ``fuse_siblings`` (the default) linear ops that read the same input — query, key
-        and value, and their LoRA ``A`` matrices — run as one GEMM each (see
-        :mod:`graphlora.passes.fuse_siblings`). The fused copy shares every tensor and submodule
+        With ``fused_execution`` (the default) a linear site and its LoRA branch run as one
+        ``graphlora::lora_linear`` op with a low-rank backward (:mod:`graphlora.passes.fuse_lora`),
+        and linear ops that read the same input — query, key and value — as one GEMM
+        (:mod:`graphlora.passes.fuse_siblings`). The result equals the canonical graph's up to
+        float summation order. The fused copy shares every tensor and submodule
         with :attr:`graph_module` and is rebuilt whenever that graph is recompiled, so the
         canonical graph stays what passes, ``graph_text``, saving and export see.
         """
         gm = self.graph_module
-        if not self.fuse_siblings or "forward" in gm.__dict__:  # e.g. FSDP's block-wise forward
+        if not self.fused_execution or "forward" in gm.__dict__:  # e.g. FSDP's block-wise forward
             return gm
         cache = self.__dict__.get("_fused")
         if cache is None or cache[0] is not gm._code:

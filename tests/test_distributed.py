@@ -168,11 +168,11 @@ def test_split_graph_computes_what_the_flat_graph_computes(llama):
     blocks = gd.find_transformer_blocks(lm)
     # the split runs the canonical graph (FSDP shards it as traced); single-process execution
     # fuses sibling linears (q/k/v as one GEMM), which sums in another order: compare like with like
-    lm.fuse_siblings = False
+    lm.fused_execution = False
     try:
         expected = lm(ids, use_cache=False).logits
     finally:
-        lm.fuse_siblings = True
+        lm.fused_execution = True
     out = _run_split(lm, blocks, (ids, False))
     torch.testing.assert_close(out.logits, expected, rtol=0, atol=0)
     # each block is one call in the root graph, with the block's LoRA reads inside it
@@ -188,7 +188,7 @@ def test_split_graph_computes_what_the_flat_graph_computes(llama):
 
 def test_split_graph_gradients_match():
     lm = stack_lora()
-    lm.fuse_siblings = False  # the canonical graph, which the split runs (see above)
+    lm.fused_execution = False  # the canonical graph, which the split runs (see above)
     x = torch.randn(5, 4)
     lm(x).square().sum().backward()
     ref = {k: p.grad.clone() for k, p in lm.named_lora_parameters()}

@@ -484,7 +484,7 @@ def test_fresh_lora_equals_the_original_exactly(scenario):
         fused = lm(x)
         # the canonical graph is bit-exact ...
         assert torch.equal(lm.graph_module(x), expected)
-        lm.fuse_siblings = False
+        lm.fused_execution = False
         assert torch.equal(lm(x), expected)
     # ... and the default execution, which runs sibling linears (q/k/v) as one GEMM, differs
     # from separate GEMMs by float summation order only
@@ -492,7 +492,7 @@ def test_fresh_lora_equals_the_original_exactly(scenario):
     # with a quantized base: exactly what the quantized base alone computes
     if any(r.weight_qtype for r in rules):
         _, qlm = transform(case, rules, storage)
-        qlm.fuse_siblings = False
+        qlm.fused_execution = False
         with torch.no_grad():
             got = qlm(x)
             with qlm.disable_adapter():
@@ -639,7 +639,7 @@ def test_adapter_save_load_round_trips_bit_exactly(scenario, seed):
         # graph, and a loaded adapter's graph may differ in eval-irrelevant ways (PEFT stores one
         # dropout per adapter, so a dropout node may come or go): equal up to summation order
         torch.testing.assert_close(fresh(x), lm(x), rtol=1e-5, atol=1e-6)
-        lm.fuse_siblings = fresh.fuse_siblings = False  # the canonical graphs: bit for bit
+        lm.fused_execution = fresh.fused_execution = False  # the canonical graphs: bit for bit
         if exact:
             assert torch.equal(fresh(x), lm(x))
         else:

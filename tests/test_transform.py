@@ -278,7 +278,7 @@ def test_execution_fusions_match_the_canonical_graph_with_gradients():
     out.pow(2).sum().backward()
     grads = {k: p.grad.clone() for k, p in lm.named_lora_parameters()}
     lm.zero_grad()
-    lm.fuse_siblings = False
+    lm.fused_execution = False
     ref = lm(x).last_hidden_state
     ref.pow(2).sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
