@@ -152,3 +152,27 @@ def test_train_lora_keeps_the_best_adapter():
         assert torch.equal(v, start[k])
     with pytest.raises(graphlora.InputError, match="no trainable"):
         graphlora.train_lora(graphlora.transform(teacher, [graphlora.QuantRule(".*", weight_qtype="int8")], (torch.randn(2, 8),)), _data(), _distill(teacher), steps=1)
+
+
+def test_saving_merged_leaves_the_grid_weights_exportable_quantized(tmp_path):
+    """A merged save (and ``merge()``) works on a copy: the QW-LoRA model keeps its base weight
+    encodings, so a later ``lora="branch"`` export still stores the base as int4, not float.
+    (Regression: the merge pass edited node metadata the copy shared with the model.)"""
+    import collections
+
+    import onnx
+
+    data = _data()
+    flow = graphlora.qw_lora(MLP(dims=(8, 64, 64, 4)), [LoraRule(".*", rank=4, weight_qtype="int4", group_size=8)],
+                             (data[0][0],))
+    flow.quantize_base()
+    before = {k: (v.qtype.name, v.block_size) for k, v in flow.model.encodings().items()}
+    flow.model.save_pretrained(tmp_path / "merged", save_adapters_separately=False)
+    flow.model.merge()
+    assert {k: (v.qtype.name, v.block_size) for k, v in flow.model.encodings().items()} == before
+    graphlora.export_onnx(flow.model, tmp_path / "m.onnx", (data[0][0],), lora="branch")
+    model = onnx.load(tmp_path / "m.onnx")
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert ops["DequantizeLinear"] == 3
+    int4 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == 3

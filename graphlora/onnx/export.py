@@ -172,10 +172,9 @@ def _to_onnx(gm: fx.GraphModule, args: tuple, kwargs: dict, opset: int, dynamic_
     from graphlora.onnx.dialect import translation_table
 
     shapes = dynamic_shapes if dynamic_shapes is not None else default_dynamic_shapes(gm, args, kwargs)
-    buffer = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buffer):
-            warnings.simplefilter("ignore")
+        # torch.onnx logs a warning per missing torchvision op on every export: not ours to show
+        with _quiet("torch.onnx", "onnx_ir", "onnxscript"):
             program = torch.onnx.export(
                 gm, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
                 optimize=False, custom_translation_table=translation_table(),
@@ -251,21 +250,28 @@ def _fold_weight_transposes(model) -> None:
                 del graph.initializers[src.name]
 
 
-def _optimize(model) -> None:
-    import onnxscript.optimizer
-
-    buffer = io.StringIO()
-    quiet = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript")]
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    """Silence the exporter's and optimizer's own chatter (stdout, warnings, log lines below
+    ERROR) for the block; failures still raise."""
+    quiet = [logging.getLogger(n) for n in loggers]
     levels = [q.level for q in quiet]
     try:
         for q in quiet:
             q.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buffer):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            onnxscript.optimizer.optimize(model)
+            yield
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
+
+
+def _optimize(model) -> None:
+    import onnxscript.optimizer
+
+    with _quiet("onnx_ir", "onnxscript"):
+        onnxscript.optimizer.optimize(model)
 
 
 def _name_dynamic_dims(model, args: tuple, kwargs: dict, gm: fx.GraphModule) -> None:

@@ -56,9 +56,11 @@ class MergeLoraPass(GraphPass):
                 merged = (base.float() + delta).to(getattr(torch, spec.weight_dtype))
                 replace_with_tensor(gm, sites, merged, suffix="merged", name=name)
                 for site in sites:  # the merged weight is float, off any quantization grid
-                    info = site.node.meta["graphlora"]
-                    info.pop("weight_qtype", None)
-                    info.pop("weight_encoding", None)
+                    # a new dict: graph copies share node meta values with the model they copy
+                    site.node.meta["graphlora"] = {
+                        k: v for k, v in site.node.meta["graphlora"].items()
+                        if k not in ("weight_qtype", "weight_encoding")
+                    }
                 modified = True
         _drop_unread_graphlora_tensors(gm)
         gm._modules.pop(ADAPTERS_ROOT, None)
