@@ -60,7 +60,8 @@ def benchmarks() -> dict:
         "trace_8b": bench_trace_8b.run,
         "quant": bench_quant.run,
         "qw_lora": bench_qw_lora.run,
-        "onnx": bench_onnx.run,
+        # with the QW-LoRA model (100 distillation steps, as in `make demo`) beside the int4 rows
+        "onnx": lambda: bench_onnx.run(qwlora_steps=100),
     }
 
 
@@ -80,6 +81,9 @@ def render(m: dict, results: dict) -> str:
         f"Date: {m['date']}. Load average before the run: {m['load_before']:.2f}.",
         "",
     ]
+    when = {k: v["measured"] for k, v in results.items() if isinstance(v, dict) and "measured" in v}
+    if len(set(when.values())) > 1:  # `--only` re-runs keep the other benchmarks' earlier results
+        out += ["Measured at: " + "; ".join(f"{k} {v}" for k, v in when.items()) + ".", ""]
     r = results.get("lora_train")
     if r and "error" not in r:
         out += [
@@ -102,6 +106,13 @@ def render(m: dict, results: dict) -> str:
             f"({', '.join(f'{k} {v:.2f} s' for k, v in r['passes_by_name_s'].items())}).",
             "",
         ]
+        if "diff_s" in r:
+            out += [
+                f"Graph diff on that graph: `graph_text` {_f(r['graph_text_traced_s'], 2)} s (traced), "
+                f"{_f(r['graph_text_transformed_s'], 2)} s (transformed); `diff` {_f(r['diff_s'], 2)} s "
+                f"({r['diff_summary']}).",
+                "",
+            ]
     r = results.get("quant")
     if r and "error" not in r:
         out += [
@@ -159,6 +170,9 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         try:
             results[name] = fn()
+            results[name]["measured"] = (
+                f"{datetime.datetime.now():%Y-%m-%d %H:%M} (load {os.getloadavg()[0]:.2f} after)"
+            )
         except Exception as exc:  # one broken benchmark must not hide the others
             traceback.print_exc()
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
