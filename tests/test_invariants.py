@@ -63,7 +63,7 @@ from graphlora.sites import find_linear_sites, tagged_sites
 # so other test modules keep their own settings.
 settings.register_profile(
     "ci",
-    max_examples=16,
+    max_examples=10,
     deadline=None,
     derandomize=True,  # the same examples on every run: a CI failure reproduces locally
     database=None,
