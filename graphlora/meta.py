@@ -11,6 +11,10 @@ names. Keys (all optional except ``role``):
 ``adapter``     the adapter name, for LoRA nodes
 ``rule``        the rule (a frozen dataclass) that matched the site
 ``site``        for ``base`` nodes: the normalised description of the linear site (see sites.py)
+
+Edit metadata only through :func:`tag` and :func:`drop`: both replace the dict instead of
+changing it. fx copies ``node.meta`` shallowly, so a graph copy (a merged save, an export's
+prepared graph) shares these dicts with the model it was copied from.
 """
 
 from __future__ import annotations
@@ -53,6 +57,12 @@ def tag(node: fx.Node, role: str, **fields: Any) -> fx.Node:
     data["role"] = role
     data.update({k: v for k, v in fields.items() if v is not None})
     node.meta[META_KEY] = data
+    return node
+
+
+def drop(node: fx.Node, *keys: str) -> fx.Node:
+    """Remove ``keys`` from the graphlora metadata of ``node`` (a new dict) and return the node."""
+    node.meta[META_KEY] = {k: v for k, v in info(node).items() if k not in keys}
     return node
 
 

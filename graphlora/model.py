@@ -21,7 +21,6 @@ import torch.nn as nn
 from graphlora import adapters as adapter_store
 from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec, peft_name
 from graphlora.errors import AdapterError, InputError
-from graphlora.meta import META_KEY
 from graphlora.passes.base import PassPipeline, PassRecord
 from graphlora.passes.insert_lora import InsertLoraPass, RemoveLoraPass
 from graphlora.passes.merge_lora import MergeLoraPass
@@ -519,13 +518,7 @@ def share_storage_copy(gm: fx.GraphModule) -> fx.GraphModule:
         memo[id(t)] = t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation notice
-        copied = copy.deepcopy(gm, memo)
-    # fx copies each node's meta dict shallowly: give the copy its own graphlora metadata so a
-    # pass editing it in place (merge, export preparation) cannot change the original model
-    for node in copied.graph.nodes:
-        if META_KEY in node.meta:
-            node.meta[META_KEY] = dict(node.meta[META_KEY])
-    return copied
+        return copy.deepcopy(gm, memo)
 
 
 def _strip_peft_prefix(key: str) -> str:

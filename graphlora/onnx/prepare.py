@@ -226,10 +226,8 @@ def _materialise_weight_encodings(gm: fx.GraphModule) -> None:
 
 def _mark_stored(sites: list[LinearSite], enc: Encoding) -> None:
     for site in sites:
-        info = dict(meta.info(site.node))
-        info.pop("weight_encoding", None)
-        info["weight_qtype"] = enc.qtype.name
-        site.node.meta[meta.META_KEY] = info
+        meta.drop(site.node, "weight_encoding")
+        meta.tag(site.node, "base", weight_qtype=enc.qtype.name)
 
 
 # ------------------------------------------------------------------------------------ merged

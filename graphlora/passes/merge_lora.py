@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from graphlora import meta
 from graphlora.adapters import ADAPTERS_ROOT, LoraSpec, lora_param_name
 from graphlora.graph_utils import delete_tensor, get_tensor
 from graphlora.passes.base import GraphPass, PassResult
@@ -56,11 +57,7 @@ class MergeLoraPass(GraphPass):
                 merged = (base.float() + delta).to(getattr(torch, spec.weight_dtype))
                 replace_with_tensor(gm, sites, merged, suffix="merged", name=name)
                 for site in sites:  # the merged weight is float, off any quantization grid
-                    # a new dict: graph copies share node meta values with the model they copy
-                    site.node.meta["graphlora"] = {
-                        k: v for k, v in site.node.meta["graphlora"].items()
-                        if k not in ("weight_qtype", "weight_encoding")
-                    }
+                    meta.drop(site.node, "weight_qtype", "weight_encoding")
                 modified = True
         _drop_unread_graphlora_tensors(gm)
         gm._modules.pop(ADAPTERS_ROOT, None)
