@@ -69,7 +69,7 @@ def run(steps: int = 10, warmup: int = 3, compile_too: bool = True, threads: int
         results.setdefault("peft_eager_s", []).append(_time_steps(peft_model, peft_params, batch, steps, warmup))
         lm.fused_execution = True
         results.setdefault("graphlora_eager_s", []).append(_time_steps(lm, g_params, batch, steps, warmup))
-        lm.fused_execution = False  # ablation: the same graph without sibling fusion
+        lm.fused_execution = False  # ablation: the canonical graph, no execution fusion
         results.setdefault("graphlora_unfused_eager_s", []).append(_time_steps(lm, g_params, batch, steps, warmup))
         lm.fused_execution = True
     results = {k: min(v) for k, v in results.items()}

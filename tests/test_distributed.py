@@ -26,6 +26,7 @@ from torch import nn
 import graphlora
 from graphlora import DistributedError, LoraRule, QuantRule
 from graphlora import distributed as gd
+from toy_models import canonical_execution
 
 JOB_TIMEOUT = 240  # seconds for the whole 2-rank job (~25 s on 2 idle CPU cores, ~60 s under load)
 WORLD = 2
@@ -168,11 +169,8 @@ def test_split_graph_computes_what_the_flat_graph_computes(llama):
     blocks = gd.find_transformer_blocks(lm)
     # the split runs the canonical graph (FSDP shards it as traced); single-process execution
     # fuses sibling linears (q/k/v as one GEMM), which sums in another order: compare like with like
-    lm.fused_execution = False
-    try:
+    with canonical_execution(lm):
         expected = lm(ids, use_cache=False).logits
-    finally:
-        lm.fused_execution = True
     out = _run_split(lm, blocks, (ids, False))
     torch.testing.assert_close(out.logits, expected, rtol=0, atol=0)
     # each block is one call in the root graph, with the block's LoRA reads inside it

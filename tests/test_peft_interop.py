@@ -15,7 +15,6 @@ to ~3e-5 on outputs of magnitude ~6, so it is held to a bound relative to the ou
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 
@@ -24,6 +23,7 @@ import torch
 
 import graphlora
 from graphlora import LoraRule
+from toy_models import canonical_execution
 from toy_models import ids
 
 peft = pytest.importorskip("peft")
@@ -70,16 +70,6 @@ def _close_to_scale(a, b) -> None:
     assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
 
-@contextlib.contextmanager
-def _canonical(lm):
-    """Run ``lm``'s canonical graph (no execution fusion) inside the block."""
-    lm.fused_execution = False
-    try:
-        yield lm
-    finally:
-        lm.fused_execution = True
-
-
 # ------------------------------------------------------------------------------ MiniLM fixtures
 
 
@@ -109,7 +99,7 @@ def lora(minilm, batch):
 
 @pytest.fixture(scope="module")
 def expected(lora, batch):
-    with torch.no_grad(), _canonical(lora):
+    with torch.no_grad(), canonical_execution(lora):
         return lora(batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
@@ -130,7 +120,7 @@ def _graphlora_load(model, path, batch, **kw):
 
 
 def _run_graphlora(lm, batch):
-    with torch.no_grad(), _canonical(lm):
+    with torch.no_grad(), canonical_execution(lm):
         return lm(batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
@@ -266,7 +256,7 @@ def gpt2():
         {"use_cache": False},
     )
     _randomize(lm.named_lora_parameters(), seed=3, std=0.2)
-    with torch.no_grad(), _canonical(lm):
+    with torch.no_grad(), canonical_execution(lm):
         out = lm(x, use_cache=False)
     return model, lm, x, out
 
@@ -282,7 +272,7 @@ def test_gpt2_conv1d_adapter_in_peft_and_back(gpt2, tmp_path):
     back = graphlora.load_adapter(
         copy.deepcopy(model), tmp_path / "a", example_args=(x,), example_kwargs={"use_cache": False}
     )
-    with torch.no_grad(), _canonical(back):
+    with torch.no_grad(), canonical_execution(back):
         _close(back(x, use_cache=False), expected)
 
 
@@ -305,7 +295,7 @@ def test_merged_lora_on_a_tied_lm_head_unties_it_in_config(tmp_path):
     x = ids(vocab=128)
     lm = graphlora.transform(model, [LoraRule(r"lm_head|.*q_proj", rank=4, alpha=8.0)], (x,), {"use_cache": False})
     _randomize(lm.named_lora_parameters(), seed=4, std=0.1)
-    with torch.no_grad(), _canonical(lm):
+    with torch.no_grad(), canonical_execution(lm):
         expected = lm(x, use_cache=False).logits
     with pytest.warns(graphlora.GraphloraWarning, match="tie_word_embeddings=false"):
         lm.save_pretrained(tmp_path, save_adapters_separately=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -106,3 +108,14 @@ def tiny_gpt2():
 def ids(batch: int = 2, seq: int = 8, vocab: int = 100, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+@contextlib.contextmanager
+def canonical_execution(lm):
+    """Run ``lm``'s canonical graph (``fused_execution`` off) inside the block, then restore it:
+    for comparisons that must not see the fused copy's summation order."""
+    lm.fused_execution = False
+    try:
+        yield lm
+    finally:
+        lm.fused_execution = True
