@@ -26,7 +26,7 @@ from graphlora.trace import trace
 from graphlora.train import TrainResult, train_lora
 from graphlora.workflows import QuantLoraWorkflow, qw_lora, qwa_lora
 
-__version__ = "0.1.0"
+from graphlora.version import __version__
 
 
 def export_onnx(model, path, example_args=(), example_kwargs=None, **kwargs):

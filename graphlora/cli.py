@@ -101,7 +101,7 @@ def _wrap(*paragraphs: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
-    from graphlora import __version__
+    from graphlora.version import __version__
 
     common = _common()
     parser = argparse.ArgumentParser(

@@ -43,7 +43,7 @@ def _is_param(name: str, encoding: Encoding) -> bool:
 
 
 def encodings_to_json(encodings: Mapping[str, Encoding]) -> dict:
-    from graphlora import __version__
+    from graphlora.version import __version__
 
     acts, params = [], []
     for name in sorted(encodings):

@@ -348,13 +348,13 @@ def _name_outputs(model, gm: fx.GraphModule) -> None:
 
 
 def _finalise(model, opset: int, lora: str, prepared) -> None:
-    import graphlora
+    from graphlora.version import __version__
 
     model.opset_imports[""] = opset
     model.graph.opset_imports[""] = opset
     model.ir_version = IR_VERSION if opset >= 21 else min(IR_VERSION, 9)
     model.producer_name = "graphlora"
-    model.producer_version = getattr(graphlora, "__version__", "")
+    model.producer_version = __version__
     model.metadata_props["graphlora.lora"] = lora
     if prepared.adapter is not None:
         model.metadata_props["graphlora.adapter"] = prepared.adapter
