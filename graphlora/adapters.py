@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from graphlora.graph_utils import ensure_container
+from graphlora.scaling import lora_scale
 
 ADAPTERS_ROOT = "graphlora_adapters"
 DEFAULT_ADAPTER = "default"
@@ -34,7 +35,7 @@ class LoraSpec:
 
     @property
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return lora_scale(self.alpha, self.rank, self.use_rslora)
 
 
 def _path(adapter: str, module_path: str) -> str:

@@ -56,23 +56,3 @@ def iterate(
         it = tqdm(it, total=total, desc=desc, leave=False)
     yield from it
 
-
-def tensors_of(batch: Any) -> list[torch.Tensor]:
-    """Every tensor in a batch (for NaN/Inf checks and device moves)."""
-    out: list[torch.Tensor] = []
-
-    def visit(x):
-        if isinstance(x, torch.Tensor):
-            out.append(x)
-        elif isinstance(x, dict):
-            for v in x.values():
-                visit(v)
-        elif isinstance(x, (tuple, list)):
-            for v in x:
-                visit(v)
-        elif hasattr(x, "keys") and hasattr(x, "__getitem__"):
-            for k in x.keys():
-                visit(x[k])
-
-    visit(batch)
-    return out

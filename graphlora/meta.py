@@ -65,6 +65,3 @@ def drop(node: fx.Node, *keys: str) -> fx.Node:
     node.meta[META_KEY] = {k: v for k, v in info(node).items() if k not in keys}
     return node
 
-
-def nodes_with_role(graph: fx.Graph, *roles: str) -> list[fx.Node]:
-    return [n for n in graph.nodes if role(n) in roles]

@@ -12,6 +12,7 @@ from graphlora.errors import TraceError
 from graphlora.model import LoraModel
 from graphlora.passes.base import GraphPass, PassPipeline
 from graphlora.passes.insert_lora import InsertLoraPass
+from graphlora.passes import quant_passes
 from graphlora.passes.match_rules import MatchRulesPass
 from graphlora.rules import LoraRule, QuantRule, normalize_rules
 from graphlora.sites import tagged_sites
@@ -53,8 +54,6 @@ def build_passes(
     quantize_weights: bool = True,
 ) -> list[GraphPass]:
     """The default pass list; the quantization passes slot in around the LoRA insertion."""
-    from graphlora.passes import quant_passes
-
     weight_passes = (
         quant_passes.before_lora(
             rules, storage=weight_storage, calibration_data=calibration_data, progress=progress
@@ -66,7 +65,6 @@ def build_passes(
         MatchRulesPass(rules, strict=strict),
         *weight_passes,
         _InsertRuleLoraPass(adapter, {}),
-        *quant_passes.after_lora(rules),
     ]
 
 

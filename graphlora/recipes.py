@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from graphlora.data import pydoc_sentences, split
 from graphlora.errors import MissingDependencyError
+from graphlora.rules import LoraRule
+from graphlora.workflows import qw_lora
 
 ENCODER_LINEARS = r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 
@@ -138,8 +140,6 @@ def qw_lora_minilm(
     activations. Returns the workflow, data and the held-out cosine after each step."""
     import time
 
-    import graphlora
-
     if model is None or tokenizer is None:
         model, tokenizer = load_minilm()
     texts = text_splits()
@@ -151,11 +151,11 @@ def qw_lora_minilm(
     ref_val = reference_embeddings(model, val)
     timings: dict[str, float] = {}
 
-    rule = graphlora.LoraRule(ENCODER_LINEARS, rank=rank, alpha=float(rank), weight_qtype="int4",
-                              group_size=group_size, weight_symmetric=True,
-                              weight_calibration=method, act_qtype=act_qtype,
-                              lora_act_qtype=act_qtype, lora_weight_qtype="int8" if act_qtype else None)
-    flow = graphlora.qw_lora(model, [rule], example_kwargs=calib[0], record=record, progress=progress)
+    rule = LoraRule(ENCODER_LINEARS, rank=rank, alpha=float(rank), weight_qtype="int4",
+                    group_size=group_size, weight_symmetric=True,
+                    weight_calibration=method, act_qtype=act_qtype,
+                    lora_act_qtype=act_qtype, lora_weight_qtype="int8" if act_qtype else None)
+    flow = qw_lora(model, [rule], example_kwargs=calib[0], record=record, progress=progress)
     t0 = time.perf_counter()
     flow.quantize_base(calibration_data=calib, progress=progress)
     timings["step1_s"] = time.perf_counter() - t0

@@ -9,12 +9,12 @@ written to files unchanged.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Sequence
 
 from graphlora.errors import RuleError
+from graphlora.scaling import lora_scale
 
 # The one-line toggle (Kithara's ``lora_rank=16``): attention query and value projections.
 DEFAULT_TARGETS = r"(.*\.)?(q_proj|v_proj|query|value|c_attn)"
@@ -95,8 +95,7 @@ class LoraRule(QuantRule):
 
     @property
     def scale(self) -> float:
-        denom = math.sqrt(self.rank) if self.use_rslora else self.rank
-        return self.lora_alpha / denom
+        return lora_scale(self.lora_alpha, self.rank, self.use_rslora)
 
 
 Rule = QuantRule  # LoraRule is a QuantRule

@@ -23,7 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 #: Entries are module names or package prefixes (``graphlora.quant`` covers its submodules);
 #: the longest matching entry decides.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("graphlora.errors", "graphlora.version", "graphlora.meta", "graphlora.collectives")),
+    ("foundation", (
+        "graphlora.errors", "graphlora.version", "graphlora.meta", "graphlora.collectives",
+        "graphlora.scaling",
+    )),
     ("tensors", ("graphlora.quant",)),
     ("files", ("graphlora.io",)),
     ("graph", (

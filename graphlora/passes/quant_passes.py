@@ -27,7 +27,3 @@ def before_lora(
     if any(r.weight_qtype and r.weight_calibration == "gptq" for r in rules):
         passes.append(GPTQPass(calibration_data, storage=storage, progress=progress))
     return passes
-
-
-def after_lora(rules: list[QuantRule]) -> list[GraphPass]:
-    return []

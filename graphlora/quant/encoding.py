@@ -29,6 +29,7 @@ import torch
 from graphlora.errors import QuantizationError
 from graphlora.quant import affine
 from graphlora.quant import ops as _ops
+from graphlora.quant.memory import bits_per_param, storage_breakdown
 from graphlora.quant.packing import pack_4bit, unpack_4bit
 from graphlora.quant.qtypes import QType, get_qtype
 
@@ -298,14 +299,10 @@ class Encoding:
     @property
     def nbytes(self) -> int:
         """Bytes of the stored quantized tensor plus its parameters (see :mod:`memory`)."""
-        from graphlora.quant.memory import storage_breakdown
-
         return storage_breakdown(self)["total_bytes"]
 
     @property
     def bits_per_param(self) -> float:
-        from graphlora.quant.memory import bits_per_param
-
         return bits_per_param(self)
 
     # -------------------------------------------------------------------- serialisation
