@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import torch
 
 from graphlora import batches as batch_feed
+from graphlora.collectives import is_initialized, sync_stats
 from graphlora.errors import CalibrationError
 from graphlora.passes.observers import (
     FreezeObserversPass,
@@ -100,9 +101,5 @@ def _drop_observers(gm) -> None:
 
 
 def _sync(observers) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        from graphlora.distributed import sync_stats
-
+    if is_initialized():
         sync_stats(observers)

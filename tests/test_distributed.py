@@ -17,6 +17,7 @@ import json
 import os
 import time
 import traceback
+import types
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,11 @@ from torch import nn
 
 import graphlora
 from graphlora import DistributedError, LoraRule, QuantRule
+from graphlora import collectives
 from graphlora import distributed as gd
+from graphlora.distributed import fsdp as gd_fsdp
+from graphlora.distributed import saving as gd_saving
+from graphlora.distributed import split as gd_split
 from toy_models import canonical_execution
 
 JOB_TIMEOUT = 240  # seconds for the whole 2-rank job (~25 s on 2 idle CPU cores, ~60 s under load)
@@ -148,14 +153,14 @@ def test_find_transformer_blocks_outermost_only():
 def _run_split(lm, blocks, x):
     """Run a model through the split graphs without FSDP (the code path FSDP hooks into)."""
     gm = lm.graph_module
-    containers = gd._adapter_containers(gm, blocks)
-    split = gd._split_graph(gm.graph, blocks, containers)
+    containers = gd_fsdp._adapter_containers(gm, blocks)
+    split = gd_split.split_graph(gm.graph, blocks, containers)
     for c in {c for cs in containers.values() for c in cs}:
-        gm.get_submodule(c).__dict__["forward"] = gd._noop_forward
+        gm.get_submodule(c).__dict__["forward"] = gd_split.noop_forward
     try:
         for b, graph in split.blocks.items():
-            gm.get_submodule(b).__dict__["forward"] = gd.types.MethodType(gd._compile(graph, b), gm)
-        return gd._compile(split.root, "root")(gm, *x)
+            gm.get_submodule(b).__dict__["forward"] = types.MethodType(gd_split._compile(graph, b), gm)
+        return gd_split._compile(split.root, "root")(gm, *x)
     finally:
         for b in blocks:
             gm.get_submodule(b).__dict__.pop("forward", None)
@@ -174,8 +179,8 @@ def test_split_graph_computes_what_the_flat_graph_computes(llama):
     out = _run_split(lm, blocks, (ids, False))
     torch.testing.assert_close(out.logits, expected, rtol=0, atol=0)
     # each block is one call in the root graph, with the block's LoRA reads inside it
-    containers = gd._adapter_containers(lm.graph_module, blocks)
-    split = gd._split_graph(lm.graph_module.graph, blocks, containers)
+    containers = gd_fsdp._adapter_containers(lm.graph_module, blocks)
+    split = gd_split.split_graph(lm.graph_module.graph, blocks, containers)
     calls = [n.target for n in split.root.nodes if n.op == "call_module"]
     assert [c for c in calls if c in blocks] == blocks
     assert not any(str(n.target).startswith("model.layers.") for n in split.root.nodes if n.op == "get_attr")
@@ -197,7 +202,7 @@ def test_split_graph_gradients_match():
 
 
 def _split(lm, blocks):
-    return gd._split_graph(lm.graph_module.graph, blocks, gd._adapter_containers(lm.graph_module, blocks))
+    return gd_split.split_graph(lm.graph_module.graph, blocks, gd_fsdp._adapter_containers(lm.graph_module, blocks))
 
 
 def test_split_refuses_a_block_weight_used_outside_the_block():
@@ -229,13 +234,13 @@ def test_split_moves_root_code_that_reads_a_block_after_its_call():
     g.output((b, r))
     for node, path in ((a, "blk"), (r, "other"), (b, "blk")):
         node.meta["nn_module_stack"] = {path: (path, "M")}
-    split = gd._split_graph(g, ["blk"], {})
+    split = gd_split.split_graph(g, ["blk"], {})
     assert [n.op for n in split.root.nodes] == ["placeholder", "call_module", "call_function", "call_function", "call_function", "output"]
     root = nn.Module()
     root.blk = nn.Module()
-    root.blk.forward = gd.types.MethodType(gd._compile(split.blocks["blk"], "blk"), root)
+    root.blk.forward = types.MethodType(gd_split._compile(split.blocks["blk"], "blk"), root)
     t = torch.randn(5)
-    out = gd._compile(split.root, "root")(root, t)
+    out = gd_split._compile(split.root, "root")(root, t)
     torch.testing.assert_close(out[0], torch.sigmoid(torch.relu(t)))
     torch.testing.assert_close(out[1], -torch.relu(t))
 
@@ -250,7 +255,7 @@ def test_split_puts_unattributed_nodes_between_a_blocks_nodes_into_the_block():
     b = g.call_function(torch.sigmoid, (c,))
     g.output(b)
     a.meta["nn_module_stack"] = b.meta["nn_module_stack"] = {"blk": ("blk", "M")}
-    split = gd._split_graph(g, ["blk"], {})
+    split = gd_split.split_graph(g, ["blk"], {})
     assert [n.target for n in split.blocks["blk"].nodes if n.op == "call_function"] == [torch.relu, torch.neg, torch.sigmoid]
 
 
@@ -284,9 +289,9 @@ def test_sync_stats_inputs():
     holder.a = MinMaxObserver("a")
     holder.b = nn.Sequential(HistogramObserver("b", bins=16))
     holder.c = holder.a
-    assert [o.name for o in gd._stat_objects(holder)] == ["a", "b"]
-    assert [o.name for o in gd._stat_objects({"x": holder.a, "y": holder.a})] == ["a"]
-    assert gd._reduce_plan(holder.b.get_submodule("0")) == [
+    assert [o.name for o in collectives._stat_objects(holder)] == ["a", "b"]
+    assert [o.name for o in collectives._stat_objects({"x": holder.a, "y": holder.a})] == ["a"]
+    assert collectives._reduce_plan(holder.b.get_submodule("0")) == [
         {"exponent": "max", "min_val": "min", "max_val": "max", "count": "sum"}, {"hist": "sum"}
     ]
 
@@ -325,7 +330,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def _full(t):
-    return t.full_tensor() if gd._is_dtensor(t) else t
+    return t.full_tensor() if gd_saving._is_dtensor(t) else t
 
 
 def _train_reference(ref, steps: int, lr: float):
@@ -492,7 +497,7 @@ def scenario_fsdp(rank: int, out: Path) -> dict:
         "blocks": gd.sharded_blocks(lm),
         "block0_params": block0_params,
         "root_params": root_params,
-        "lora_dtensor": all(gd._is_dtensor(p) for p in lm.lora_parameters()),
+        "lora_dtensor": all(gd_saving._is_dtensor(p) for p in lm.lora_parameters()),
         "local_rows": sorted({int(p.to_local().shape[0]) for p in lm.lora_parameters()}),
     }
     grads0, frozen_grads = _train(lm, lm, rank, steps=2, lr=0.5)
@@ -536,7 +541,7 @@ def scenario_fsdp_qlora(rank: int, out: Path) -> dict:
         "saved": list(saved.files),
         "n_packed": len(packed_before),
         "packed_unchanged": packed_before == packed_after,
-        "packed_plain": all(not gd._is_dtensor(b) for b in lm.graph_module.buffers()),
+        "packed_plain": all(not gd_saving._is_dtensor(b) for b in lm.graph_module.buffers()),
         "uint8": sorted({d for d, _ in packed_after.values()}),
     }
     if rank == 0:
@@ -575,8 +580,8 @@ def scenario_fsdp_calibrate(rank: int, out: Path) -> dict:
     result = {
         "encodings": {k: [e.scale.flatten().tolist(), e.zero_point.flatten().tolist()] for k, e in sorted(encs.items())},
         "grads": {k: _full(p.grad).tolist() for k, p in lm.named_lora_parameters()},
-        "frozen_plain": all(not gd._is_dtensor(p) for p in lm.parameters() if not p.requires_grad),
-        "lora_sharded": all(gd._is_dtensor(p) for p in lm.lora_parameters()),
+        "frozen_plain": all(not gd_saving._is_dtensor(p) for p in lm.parameters() if not p.requires_grad),
+        "lora_sharded": all(gd_saving._is_dtensor(p) for p in lm.lora_parameters()),
     }
     if rank == 0:
         with _no_process_group():

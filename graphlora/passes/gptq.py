@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphlora import batches as batch_feed
+from graphlora.collectives import is_initialized, sync_stats
 from graphlora.errors import CalibrationError, QuantizationError
 from graphlora.graph_utils import ensure_container
 from graphlora.passes.base import GraphPass, PassResult
@@ -204,11 +205,7 @@ def _or(values) -> int:
 
 
 def _sync(accumulators: list[HessianAccumulator]) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        from graphlora.distributed import sync_stats
-
+    if is_initialized():
         sync_stats(accumulators)
 
 
