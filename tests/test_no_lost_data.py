@@ -82,7 +82,7 @@ ALLOWED = {
     ("model.py", "save_pretrained"): "graphlora's own atomic save",
     ("cli.py", "save_pretrained"): "graphlora's own atomic save",
     ("demo.py", "save_pretrained"): "graphlora's own atomic save",
-    ("distributed.py", "save_pretrained"): "graphlora's own atomic save",
+    ("distributed/saving.py", "save_pretrained"): "graphlora's own atomic save",
 }
 
 
