@@ -130,7 +130,7 @@ def test_usage_errors_and_help(capsys):
 
 
 def test_subcommands_are_registered_by_one_decorated_function(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_SUBCOMMANDS", dict(cli._SUBCOMMANDS))
+    monkeypatch.setattr(cli.app, "_SUBCOMMANDS", dict(cli.app._SUBCOMMANDS))
 
     def arguments(parser):
         parser.add_argument("--times", type=int, default=1)

@@ -390,7 +390,7 @@ def test_api_reference_signatures_match_the_code():
 
 
 def test_every_cli_subcommand_is_in_the_cli_reference():
-    from graphlora import cli
+    from graphlora.cli import app as cli
 
     text = (DOCS / "cli.md").read_text(encoding="utf-8")
     missing = [name for name in cli._SUBCOMMANDS if f"## `graphlora {name}" not in text]

@@ -80,7 +80,7 @@ ALLOWED = {
     ("onnx/runtime.py", "optimized_model_filepath"): "onnxruntime diagnostic output",
     # `LoraModel.save_pretrained` forwards to graphlora.io.lora_io.save_pretrained (atomic).
     ("model.py", "save_pretrained"): "graphlora's own atomic save",
-    ("cli.py", "save_pretrained"): "graphlora's own atomic save",
+    ("cli/transform.py", "save_pretrained"): "graphlora's own atomic save",
     ("demo.py", "save_pretrained"): "graphlora's own atomic save",
     ("distributed/saving.py", "save_pretrained"): "graphlora's own atomic save",
 }

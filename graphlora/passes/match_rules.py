@@ -25,12 +25,17 @@ from graphlora.sites import LinearSite, find_linear_sites
 class MatchRulesPass(GraphPass):
     rules: Sequence[QuantRule]
     strict: bool = False
+    #: Keep every rank problem in ``problems`` instead of raising on the first, and leave unused
+    #: rules to the caller instead of warning: for a report of everything at once (graphlora inspect).
+    collect_problems: bool = False
     matched: list[tuple[LinearSite, RuleMatch]] = field(default_factory=list)
     unmatched: list[LinearSite] = field(default_factory=list)
     unused_rules: list[int] = field(default_factory=list)
+    #: (rule index, what is wrong) once per problem, with ``collect_problems``.
+    problems: list[tuple[int, str]] = field(default_factory=list)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        self.matched, self.unmatched = [], []
+        self.matched, self.unmatched, self.problems = [], [], []
         used: set[int] = set()
         for site in find_linear_sites(gm):
             match = first_match(site.module_path, self.rules)
@@ -38,7 +43,12 @@ class MatchRulesPass(GraphPass):
                 self.unmatched.append(site)
                 continue
             used.add(match.index)
-            _check_rank(match, site)
+            problem = _rank_problem(match.rule, site)
+            if problem is not None:
+                if not self.collect_problems:
+                    raise RuleError(f"{rule_name(match.index, match.rule)}: {problem}")
+                if (match.index, problem) not in self.problems:  # a layer used twice is one problem
+                    self.problems.append((match.index, problem))
             meta.tag(
                 site.node,
                 "base",
@@ -54,18 +64,19 @@ class MatchRulesPass(GraphPass):
             message = f"{len(self.unused_rules)} rule(s) matched no linear site: {names}"
             if self.strict:
                 raise RuleError(message + " (strict=True)")
-            warnings.warn(message, GraphloraWarning, stacklevel=4)
+            if not self.collect_problems:
+                warnings.warn(message, GraphloraWarning, stacklevel=4)
         return PassResult(gm, bool(self.matched))
 
 
-def _check_rank(match: RuleMatch, site: LinearSite) -> None:
-    rule = match.rule
+def _rank_problem(rule: QuantRule, site: LinearSite) -> str | None:
+    """Why ``rule``'s LoRA cannot apply to ``site`` (a rank above min(in, out)), or None."""
     if not rule.has_lora:
-        return
+        return None
     limit = min(site.spec.in_features, site.spec.out_features)
-    if rule.rank > limit:
-        raise RuleError(
-            f"{rule_name(match.index, rule)}: rank {rule.rank} is larger than the matched site "
-            f"{site.module_path!r} allows (in={site.spec.in_features}, "
-            f"out={site.spec.out_features}, so rank <= {limit})"
-        )
+    if rule.rank <= limit:
+        return None
+    return (
+        f"rank {rule.rank} is larger than the matched site {site.module_path!r} allows "
+        f"(in={site.spec.in_features}, out={site.spec.out_features}, so rank <= {limit})"
+    )
