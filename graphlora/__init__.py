@@ -38,7 +38,7 @@ def export_onnx(model, path, example_args=(), example_kwargs=None, **kwargs):
 
 def load_quantized(model, directory, example_args=(), example_kwargs=None, **kwargs):
     """Rebuild a LoraModel from a ``save_pretrained(..., keep_quantized=True)`` directory."""
-    from graphlora.io.quantized_checkpoint import load_quantized as _load_quantized
+    from graphlora.checkpoint import load_quantized as _load_quantized
 
     return _load_quantized(model, directory, example_args, example_kwargs, **kwargs)
 
@@ -46,9 +46,9 @@ def load_quantized(model, directory, example_args=(), example_kwargs=None, **kwa
 def load_adapter(model, adapter_dir, **kwargs):
     """Load a PEFT LoRA adapter directory into a LoraModel (or transform a plain model with it).
 
-    See :func:`graphlora.io.lora_io.load_adapter` for the options.
+    See :func:`graphlora.checkpoint.load_adapter` for the options.
     """
-    from graphlora.io.lora_io import load_adapter as _load_adapter
+    from graphlora.checkpoint import load_adapter as _load_adapter
 
     return _load_adapter(model, adapter_dir, **kwargs)
 

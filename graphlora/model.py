@@ -278,7 +278,7 @@ class LoraModel(nn.Module):
 
     def load_adapter(self, adapter_dir, adapter_name: str = DEFAULT_ADAPTER, **kwargs: Any) -> "LoraModel":
         """Load a PEFT LoRA adapter directory as ``adapter_name`` (see :func:`graphlora.load_adapter`)."""
-        from graphlora.io.lora_io import load_adapter
+        from graphlora.checkpoint import load_adapter
 
         return load_adapter(self, adapter_dir, adapter_name=adapter_name, **kwargs)
 
@@ -443,13 +443,13 @@ class LoraModel(nn.Module):
         keep_quantized: bool = False,
         overwrite: bool = True,
     ):
-        """Save in the formats people already load (see :mod:`graphlora.io.lora_io`).
+        """Save in the formats people already load (see :mod:`graphlora.checkpoint.saving`).
 
         ``only_save_adapters=True``: a PEFT adapter directory. Otherwise with
         ``save_adapters_separately=True``: base weights (``model.safetensors``, original keys) plus
         the adapter files; with ``save_adapters_separately=False``: one merged model.
         """
-        from graphlora.io.lora_io import save_pretrained
+        from graphlora.checkpoint import save_pretrained
 
         return save_pretrained(
             self,

@@ -15,24 +15,26 @@ from torch import nn
 
 from graphlora.errors import AdapterError, FileFormatError, GraphloraWarning
 from graphlora.io import atomic
-from graphlora.io.peft_format import (
+from graphlora.io.peft_config import (
     _CONFIG_DEFAULTS,
     _UNSUPPORTED_FIELDS,
     _VARIANT_INITS,
     ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    LoraModule,
     LoraModuleSpec,
     build_adapter_config,
+    peft_selects,
+    resolve_pattern,
+)
+from graphlora.io.peft_format import (
+    ADAPTER_WEIGHTS_NAME,
+    LoraModule,
     check_adapter_shapes,
     check_shapes,
     lora_keys,
     lora_shapes,
     parse_lora_key,
     peft_lora_keys,
-    peft_selects,
     read_adapter,
-    resolve_pattern,
     save_adapter,
 )
 

@@ -78,7 +78,7 @@ ALLOWED = {
     # asks for it (a diagnostic for reading what onnxruntime runs, not an artefact graphlora
     # saves); the path is the caller's and the write happens inside onnxruntime's C++ code.
     ("onnx/runtime.py", "optimized_model_filepath"): "onnxruntime diagnostic output",
-    # `LoraModel.save_pretrained` forwards to graphlora.io.lora_io.save_pretrained (atomic).
+    # `LoraModel.save_pretrained` forwards to graphlora.checkpoint.save_pretrained (atomic).
     ("model.py", "save_pretrained"): "graphlora's own atomic save",
     ("cli/transform.py", "save_pretrained"): "graphlora's own atomic save",
     ("demo.py", "save_pretrained"): "graphlora's own atomic save",

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import graphlora
 from graphlora import AdapterError, GraphloraError, InputError, LoraRule, LoraSpec
 from graphlora.io import atomic
-from graphlora.io.lora_io import resolve_adapter_dir
+from graphlora.checkpoint import resolve_adapter_dir
 from toy_models import MLP, AllSpellings, Conv1D, SharedWeight
 
 X = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
@@ -386,7 +386,7 @@ def test_save_option_errors(lora, tmp_path):
     with pytest.raises(InputError, match="not both"):
         lora.save_pretrained(tmp_path, adapter_name="default", selected_adapters=["default"])
     with pytest.raises(InputError, match="LoraModel"):
-        graphlora.io.lora_io.save_pretrained(MLP(), tmp_path)
+        graphlora.checkpoint.save_pretrained(MLP(), tmp_path)
     assert not tmp_path.joinpath("adapter_config.json").exists() and _stray(tmp_path.parent) == []
 
 

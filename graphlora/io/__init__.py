@@ -1,35 +1,38 @@
-"""File IO: atomic writes, (sharded) safetensors checkpoints and the PEFT LoRA adapter format.
+"""File IO: atomic writes, (sharded) safetensors checkpoints, the PEFT LoRA adapter format and the
+encodings file.
 
-This package knows nothing of graphs or passes: it reads and writes plain dicts of tensors,
-configs and paths. Every file graphlora writes goes through :mod:`graphlora.io.atomic`.
-
-The one exception is :mod:`graphlora.io.lora_io`, the bridge from a ``LoraModel`` to these formats
-(``LoraModel.save_pretrained`` and ``graphlora.load_adapter``). It imports the model side, so it is
-not imported here: ``import graphlora.io`` stays free of graphs and passes.
+This package knows nothing of graphs, passes or the model: it reads and writes plain dicts of
+tensors, configs and paths, and may import only the foundation (errors, version, meta,
+collectives) and :mod:`graphlora.quant`. Every file graphlora writes goes through
+:mod:`graphlora.io.atomic`. Turning a ``LoraModel`` into these files and back
+(``LoraModel.save_pretrained``, ``graphlora.load_adapter``, ``graphlora.load_quantized``) is
+orchestration and lives above the model, in :mod:`graphlora.checkpoint`.
 """
 
 from graphlora.io.atomic import atomic_directory, atomic_path, atomic_write, recover
-from graphlora.io.peft_format import (
+from graphlora.io.peft_config import (
     ADAPTER_CONFIG_NAME,
+    LoraModuleSpec,
+    build_adapter_config,
+    peft_selects,
+    read_adapter_config,
+    resolve_pattern,
+    validate_adapter_config,
+)
+from graphlora.io.peft_format import (
     ADAPTER_LEGACY_WEIGHTS_NAME,
     ADAPTER_WEIGHTS_NAME,
     PEFT_KEY_PREFIX,
     LoraAdapter,
     LoraModule,
-    LoraModuleSpec,
-    build_adapter_config,
     check_adapter_shapes,
     check_shapes,
     lora_keys,
     lora_shapes,
     parse_lora_key,
     peft_lora_keys,
-    peft_selects,
     read_adapter,
-    read_adapter_config,
-    resolve_pattern,
     save_adapter,
-    validate_adapter_config,
     write_adapter,
 )
 from graphlora.io.safetensors_io import (

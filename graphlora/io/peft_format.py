@@ -2,8 +2,10 @@
 
 Why exact: users load graphlora adapters with ``peft.PeftModel.from_pretrained`` or
 ``transformers``' ``model.load_adapter`` and hand PEFT adapters to graphlora. Both directions must
-give the same numbers, so this module mirrors PEFT 0.21's file format and its name-matching rules
-(it does not import PEFT: reading and writing work without it).
+give the same numbers, so this module mirrors PEFT 0.21's file format (it does not import PEFT:
+reading and writing work without it). The config file — its fields, its validation and PEFT's
+name-matching rules — is :mod:`graphlora.io.peft_config`; this module holds the weights and reads
+and writes the pair.
 
 File format
 -----------
@@ -14,29 +16,13 @@ File format
   ``(in, out)``, but its LoRA factors are still ``(r, in)`` / ``(out, r)``); the flag only says how
   ``B @ A`` lines up with the base weight when merging.
 * Scale: ``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``.
-
-How PEFT matches names (``peft.tuners.tuners_utils.check_target_module_exists`` and
-``peft.utils.other.get_pattern_key``), relative to the base model's ``named_modules()``:
-
-* ``target_modules`` as a list selects module ``k`` if ``k`` is in the list **or ends with**
-  ``"." + entry`` — a suffix match. As a string it is a regex that must ``fullmatch`` ``k``.
-* ``rank_pattern`` / ``alpha_pattern`` keys are regexes tried in order with
-  ``re.match(rf"(.*\\.)?({key})$", k)``; the first match wins, else ``r`` / ``lora_alpha``.
-
-So the writer uses full module paths as ``target_modules`` (and, when told the model's module
-names, falls back to an exact regex if some other module's name ends with a targeted path), and
-writes pattern keys as ``"^" + re.escape(path)``: the ``^`` can only match at position 0, which
-forces the optional ``(.*\\.)?`` prefix to be empty, so each key selects exactly one module.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import warnings
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,115 +30,40 @@ from typing import Any
 
 import torch
 
-from graphlora.errors import AdapterError, FileFormatError, GraphloraWarning
+from graphlora.errors import AdapterError, FileFormatError
 from graphlora.io.atomic import atomic_directory
+from graphlora.io.peft_config import (
+    ADAPTER_CONFIG_NAME,
+    build_adapter_config,
+    peft_selects,
+    read_adapter_config,
+    resolve_pattern,
+)
 from graphlora.io.safetensors_io import read_safetensors, write_json, write_safetensors
 
 __all__ = [
-    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_FILES",
     "ADAPTER_LEGACY_WEIGHTS_NAME",
     "ADAPTER_WEIGHTS_NAME",
-    "PEFT_FORMAT_VERSION",
     "PEFT_KEY_PREFIX",
     "LoraAdapter",
     "LoraModule",
-    "LoraModuleSpec",
-    "build_adapter_config",
     "check_adapter_shapes",
     "check_shapes",
     "lora_keys",
     "lora_shapes",
     "parse_lora_key",
     "peft_lora_keys",
-    "peft_selects",
     "read_adapter",
-    "read_adapter_config",
-    "resolve_pattern",
     "save_adapter",
-    "validate_adapter_config",
     "write_adapter",
 ]
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+#: Every file an adapter directory holds (what a save replaces, what carrying over skips).
 ADAPTER_FILES = frozenset({ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ADAPTER_LEGACY_WEIGHTS_NAME})
 PEFT_KEY_PREFIX = "base_model.model."
-#: The PEFT release whose ``LoraConfig`` field set :func:`build_adapter_config` reproduces.
-PEFT_FORMAT_VERSION = "0.21.2"
-TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-
-# Every field PEFT 0.21's LoraConfig.save_pretrained writes, with the value graphlora writes when
-# the description does not set it (PEFT's defaults, except inference_mode: PEFT forces True when
-# saving an adapter). tests/test_io_peft.py checks this key set against the installed PEFT.
-_CONFIG_DEFAULTS: dict[str, Any] = {
-    "alora_invocation_tokens": None,
-    "alpha_pattern": {},
-    "arrow_config": None,
-    "auto_mapping": None,
-    "base_model_name_or_path": None,
-    "bias": "none",
-    "corda_config": None,
-    "ensure_weight_tying": False,
-    "eva_config": None,
-    "exclude_modules": None,
-    "fan_in_fan_out": False,
-    "inference_mode": True,
-    "init_lora_weights": True,
-    "kasa_config": None,
-    "layer_replication": None,
-    "layers_pattern": None,
-    "layers_to_transform": None,
-    "loftq_config": {},
-    "lora_alpha": 8,
-    "lora_bias": False,
-    "lora_dropout": 0.0,
-    "lora_ga_config": None,
-    "megatron_config": None,
-    "megatron_core": "megatron.core",
-    "modules_to_save": None,
-    "monteclora_config": None,
-    "peft_type": "LORA",
-    "peft_version": PEFT_FORMAT_VERSION,
-    "qalora_group_size": 16,
-    "r": 8,
-    "rank_pattern": {},
-    "revision": None,
-    "target_modules": None,
-    "target_parameters": None,
-    "task_type": None,
-    "trainable_token_indices": None,
-    "use_bdlora": None,
-    "use_dora": False,
-    "use_qalora": False,
-    "use_rslora": False,
-    "velora_config": None,
-}
-
-# Fields that switch PEFT to a different method or add trainable state beyond plain A/B factors.
-# Truthy value -> unsupported. Includes every LoraConfig field PEFT 0.21 tags "is_lora_variant".
-_UNSUPPORTED_FIELDS: dict[str, str] = {
-    "use_dora": "DoRA (use_dora) adds a magnitude vector and changes the forward pass",
-    "velora_config": "VeLoRA (velora_config) is a LoRA variant",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) acts after invocation tokens",
-    "monteclora_config": "MonteCLoRA (monteclora_config) is a LoRA variant",
-    "use_bdlora": "block-diagonal LoRA (use_bdlora) is a LoRA variant",
-    "arrow_config": "Arrow routing (arrow_config) is a LoRA variant",
-    "kasa_config": "KaSA (kasa_config) is a LoRA variant",
-    "use_qalora": "QALoRA (use_qalora) pools inputs before lora_A",
-    "lora_bias": "lora_bias adds a bias to lora_B",
-    "layer_replication": "layer_replication duplicates base layers",
-    "target_parameters": "target_parameters applies LoRA to raw parameters, not modules",
-    "trainable_token_indices": "trainable_token_indices trains embedding rows",
-    "megatron_config": "megatron_config builds Megatron parallel LoRA layers",
-    "modules_to_save": "modules_to_save stores fully trained copies of whole modules",
-}
-# init_lora_weights values whose saved adapter is only valid on a base model PEFT modified
-# (PiSSA/OLoRA/CorDA/LoRA-GA subtract the initial adapter from the base weights; LoftQ replaces
-# them), or that select a variant (MiCA). PEFT rewrites converted adapters to ``True``.
-_MODIFIED_BASE_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
-_VARIANT_INITS = ("mica",)
-_KNOWN_FIELDS = frozenset(_CONFIG_DEFAULTS) | {"runtime_config"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,16 +179,6 @@ def check_adapter_shapes(
 # plain descriptions
 
 
-@dataclass(frozen=True)
-class LoraModuleSpec:
-    """What the config needs to know about one adapted module."""
-
-    path: str
-    rank: int
-    alpha: float
-    fan_in_fan_out: bool = False
-
-
 @dataclass(frozen=True, eq=False)
 class LoraModule:
     """One adapted module: factors ``lora_A`` ``(rank, in)`` and ``lora_B`` ``(out, rank)``.
@@ -334,287 +235,7 @@ class LoraAdapter:
 
 
 # ---------------------------------------------------------------------------------------------
-# PEFT name matching
-
-
-def resolve_pattern(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
-    """The value PEFT picks for ``path`` from a ``rank_pattern``/``alpha_pattern`` dict: the first
-    key (in order) with ``re.match(rf"(.*\\.)?({key})$", path)``, else ``default``."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", path):
-            return patterns[key]
-    return default
-
-
-def peft_selects(config: Mapping[str, Any], path: str) -> bool:
-    """Whether PEFT's ``check_target_module_exists`` would adapt the module named ``path``
-    (``exclude_modules``, ``modules_to_save``, ``target_modules`` as list or regex,
-    ``layers_to_transform``/``layers_pattern``)."""
-    exclude = config.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, path):
-                return False
-        elif path in exclude or any(path.endswith(f".{e}") for e in exclude):
-            return False
-    for m in config.get("modules_to_save") or ():
-        if re.match(rf"(^|.*\.){m}($|\..*)", path):
-            return False
-    targets = config.get("target_modules")
-    if targets is None:
-        return False
-    if isinstance(targets, str):
-        return targets == "all-linear" or re.fullmatch(targets, path) is not None
-    if path in targets:
-        return True
-    if not any(path.endswith(f".{t}") for t in targets):
-        return False
-    indexes = config.get("layers_to_transform")
-    if indexes is None or (isinstance(indexes, list) and not indexes):
-        return True
-    pattern = config.get("layers_pattern")
-    match = None
-    if not pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
-    else:
-        for p in [pattern] if isinstance(pattern, str) else pattern:
-            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path)
-            if match:
-                break
-    if match is None:
-        return False
-    index = int(match.group("idx"))
-    return index == indexes if isinstance(indexes, int) else index in indexes
-
-
-# ---------------------------------------------------------------------------------------------
-# building the config
-
-
-def _number(value: float) -> int | float:
-    value = float(value)
-    return int(value) if value.is_integer() else value
-
-
-def _most_common(values: list[Any]) -> Any:
-    counts = Counter(values)
-    best = max(counts.values())
-    return next(v for v in values if counts[v] == best)  # ties: first in module order
-
-
-def build_adapter_config(
-    modules: Iterable[LoraModuleSpec | LoraModule],
-    *,
-    lora_dropout: float = 0.0,
-    use_rslora: bool = False,
-    base_model_name_or_path: str | None = None,
-    revision: str | None = None,
-    task_type: str | None = None,
-    init_lora_weights: bool | str = True,
-    module_names: Iterable[str] | None = None,
-) -> dict[str, Any]:
-    """The ``adapter_config.json`` dict PEFT needs to rebuild exactly these modules.
-
-    ``r``/``lora_alpha`` are the most common rank/alpha (ties: first module); modules that differ get
-    exact-match ``rank_pattern``/``alpha_pattern`` entries. ``target_modules`` lists the full paths,
-    sorted. Pass ``module_names`` (all of the base model's ``named_modules()`` names) to make sure
-    PEFT's suffix matching selects no other module; if one would be selected (a module name ending
-    in ``"." + targeted path``), ``target_modules`` becomes an exact regex instead. ``fan_in_fan_out``
-    is the majority flag; PEFT corrects it per layer type (with a warning) if modules disagree.
-    """
-    specs = list(modules)
-    if not specs:
-        raise ValueError("an adapter needs at least one module")
-    paths = [s.path for s in specs]
-    dupes = sorted(p for p, n in Counter(paths).items() if n > 1)
-    if dupes:
-        raise ValueError(f"module path(s) listed twice: {dupes}")
-    for s in specs:
-        if not isinstance(s.path, str) or not s.path or s.path != s.path.strip("."):
-            raise ValueError(f"invalid module path {s.path!r}")
-        if isinstance(s.rank, bool) or not isinstance(s.rank, int) or s.rank <= 0:
-            raise ValueError(f"rank of {s.path!r} must be a positive int, got {s.rank!r}")
-        if not _is_number(s.alpha) or not math.isfinite(s.alpha):
-            raise ValueError(f"alpha of {s.path!r} must be a finite number, got {s.alpha!r}")
-    if not 0.0 <= float(lora_dropout) < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-    if task_type is not None and task_type not in TASK_TYPES:
-        raise ValueError(f"task_type must be None or one of {TASK_TYPES}, got {task_type!r}")
-    if isinstance(init_lora_weights, str) and init_lora_weights.lower().startswith(
-        _MODIFIED_BASE_INITS + _VARIANT_INITS
-    ):
-        raise ValueError(
-            f"init_lora_weights={init_lora_weights!r} would make PEFT expect a modified base model"
-        )
-
-    ranks = [s.rank for s in specs]
-    alphas = [_number(s.alpha) for s in specs]
-    r = _most_common(ranks)
-    alpha = _most_common(alphas)
-    rank_pattern = {f"^{re.escape(s.path)}": s.rank for s in specs if s.rank != r}
-    alpha_pattern = {f"^{re.escape(s.path)}": a for s, a in zip(specs, alphas) if a != alpha}
-    fan_flags = [bool(s.fan_in_fan_out) for s in specs]
-    fan_in_fan_out = sum(fan_flags) * 2 > len(fan_flags)
-
-    targets: list[str] | str = sorted(paths)
-    if module_names is not None:
-        names = set(module_names)
-        missing = sorted(set(paths) - names)
-        if missing:
-            raise ValueError(f"targeted path(s) not among the model's module names: {missing[:5]}")
-        chosen = set(paths)
-        probe = {"target_modules": targets}
-        if any(peft_selects(probe, n) for n in names - chosen):
-            targets = "(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
-
-    config = dict(_CONFIG_DEFAULTS)
-    config.update(
-        r=r,
-        lora_alpha=alpha,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-        target_modules=targets,
-        lora_dropout=float(lora_dropout),
-        use_rslora=bool(use_rslora),
-        fan_in_fan_out=fan_in_fan_out,
-        init_lora_weights=init_lora_weights,
-        base_model_name_or_path=base_model_name_or_path,
-        revision=revision,
-        task_type=task_type,
-    )
-    return config
-
-
-# ---------------------------------------------------------------------------------------------
-# validating a config
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _truthy(value: Any) -> bool:
-    return value not in (None, False, 0, "", [], {}, ())
-
-
-def _require(cond: bool, source: str, message: str) -> None:
-    if not cond:
-        raise FileFormatError(f"{source}: {message}")
-
-
-def validate_adapter_config(config: Mapping[str, Any], source: str = ADAPTER_CONFIG_NAME) -> None:
-    """Raise unless ``config`` describes a plain LoRA adapter graphlora can apply exactly.
-
-    :class:`AdapterError` for a non-LoRA ``peft_type``, DoRA and other variants, ``bias`` other
-    than ``"none"``, non-empty ``modules_to_save`` and init methods whose adapter only works with a
-    PEFT-modified base; :class:`FileFormatError` for fields of the wrong type. Unknown fields with
-    non-default values trigger a :class:`GraphloraWarning` (a newer PEFT may have added them).
-    """
-    _require(isinstance(config, Mapping), source, "expected a JSON object")
-    peft_type = config.get("peft_type")
-    if peft_type is None:
-        raise FileFormatError(f"{source} has no 'peft_type'; it is not a PEFT adapter config")
-    if peft_type != "LORA":
-        raise AdapterError(
-            f"{source}: peft_type {peft_type!r} is unsupported; graphlora reads LoRA adapters only"
-        )
-    bad = [why for name, why in _UNSUPPORTED_FIELDS.items() if _truthy(config.get(name))]
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_MODIFIED_BASE_INITS):
-        bad.append(
-            f"init_lora_weights={init!r}: the adapter was saved relative to a base model PEFT modified "
-            "(re-save it with path_initial_model_for_weight_conversion to get a plain LoRA adapter)"
-        )
-    elif isinstance(init, str) and init.lower().startswith(_VARIANT_INITS):
-        bad.append(f"init_lora_weights={init!r} selects a LoRA variant")
-    bias = config.get("bias", "none")
-    if bias != "none":
-        bad.append(f"bias={bias!r} trains base-layer biases, which the adapter file then stores")
-    if bad:
-        raise AdapterError(f"{source}: unsupported adapter features: " + "; ".join(bad))
-
-    r = config.get("r", 8)
-    _require(_is_int(r) and r > 0, source, f"'r' must be a positive int, got {r!r}")
-    alpha = config.get("lora_alpha", 8)
-    _require(_is_number(alpha), source, f"'lora_alpha' must be a number, got {alpha!r}")
-    for name in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(name) or {}
-        _require(isinstance(pattern, Mapping), source, f"'{name}' must be an object, got {pattern!r}")
-        for key, value in pattern.items():
-            _require(
-                _is_number(value) and value > 0,
-                source,
-                f"'{name}' entry {key!r} must be a positive number, got {value!r}",
-            )
-            try:
-                re.compile(key)
-            except re.error as exc:
-                raise FileFormatError(
-                    f"{source}: '{name}' key {key!r} is not a valid regex: {exc}"
-                ) from exc
-    for key, value in (config.get("rank_pattern") or {}).items():
-        _require(_is_int(value), source, f"'rank_pattern' entry {key!r} must be an int, got {value!r}")
-    dropout = config.get("lora_dropout", 0.0)
-    _require(
-        _is_number(dropout) and 0 <= dropout < 1,
-        source,
-        f"'lora_dropout' must be a number in [0, 1), got {dropout!r}",
-    )
-    for name in ("use_rslora", "fan_in_fan_out"):
-        _require(isinstance(config.get(name, False), bool), source, f"'{name}' must be true or false")
-    targets = config.get("target_modules")
-    _require(
-        targets is None or isinstance(targets, str)
-        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets)),
-        source,
-        f"'target_modules' must be null, a regex string or a list of names, got {targets!r}",
-    )
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as exc:
-            raise FileFormatError(f"{source}: 'target_modules' is not a valid regex: {exc}") from exc
-    unknown = sorted(k for k in config if k not in _KNOWN_FIELDS and _truthy(config[k]))
-    if unknown:
-        warnings.warn(
-            f"{source}: ignoring field(s) unknown to graphlora: {unknown}; written by a newer PEFT? "
-            "If they change the adapter's numerics, results will differ from PEFT's.",
-            GraphloraWarning,
-            stacklevel=3,
-        )
-
-
-# ---------------------------------------------------------------------------------------------
 # reading
-
-
-def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate ``adapter_config.json`` from an adapter directory."""
-    root = Path(directory)
-    path = root / ADAPTER_CONFIG_NAME
-    if not root.is_dir():
-        raise AdapterError(f"adapter directory {root} does not exist")
-    if not path.is_file():
-        hint = (
-            " (it holds a full model checkpoint: config.json/model weights, not an adapter)"
-            if (root / "config.json").exists()
-            else ""
-        )
-        raise AdapterError(f"{ADAPTER_CONFIG_NAME} is missing from {root}{hint}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FileFormatError(
-            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        ) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FileFormatError(f"cannot read {path}: {exc}") from exc
-    validate_adapter_config(config, str(path))
-    return config
 
 
 def _read_weights(

@@ -20,30 +20,46 @@ exactly, without re-quantizing anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
 
+from graphlora import meta
+from graphlora.checkpoint.layout import ADAPTERS_SUBDIR
+from graphlora.checkpoint.loading import load_adapter
 from graphlora.errors import FileFormatError
+from graphlora.io.peft_config import ADAPTER_CONFIG_NAME
+from graphlora.io.safetensors_io import load_state_dict
+from graphlora.model import LoraModel
+from graphlora.passes.quantize_weights import QuantizeWeightsPass, install_encoding
+from graphlora.passes.weights import groups_by_weight
+from graphlora.pipeline import transform
 from graphlora.quant import Encoding
+from graphlora.rules import QuantRule
+from graphlora.rules_file import dump_rules, rules_from_data
+from graphlora.sites import tagged_sites
+
+__all__ = ["CODES_SUFFIX", "QUANT_CONFIG_NAME", "load_quantized", "quantized_state", "requantize_merged"]
 
 QUANT_CONFIG_NAME = "graphlora_quantization.json"
 CODES_SUFFIX = ".qcodes"
 FORMAT = "graphlora-quantized"
 
 
-def quantized_state(gm, rules) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def quantized_state(
+    gm: fx.GraphModule, rules: Sequence[QuantRule]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, config) for a keep-quantized save of the base held by graph module ``gm``.
 
     Float tensors keep their original keys; each quantized weight contributes its codes; the
     config holds the encodings and the ``rules`` the model was transformed with.
     """
-    from graphlora import meta
-    from graphlora.rules_file import dump_rules
-
     tensors = {k: v for k, v in gm.state_dict().items() if not k.startswith("graphlora_")}
     weights: dict[str, Any] = {}
     for node in gm.graph.nodes:
@@ -64,18 +80,12 @@ def quantized_state(gm, rules) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     return tensors, config
 
 
-def requantize_merged(gm) -> None:
+def requantize_merged(gm: fx.GraphModule) -> None:
     """Quantize a merged graph's weights again, each with its site's rule (packed storage).
 
     Merging moved the weights off their grid, so encodings are recomputed with the rule's
     round-to-nearest method (``gptq`` needs data: its sites use ``mse`` here).
     """
-    import dataclasses
-
-    from graphlora import meta
-    from graphlora.passes.quantize_weights import QuantizeWeightsPass
-    from graphlora.sites import tagged_sites
-
     for site in tagged_sites(gm):
         rule = site.rule
         if rule is not None and rule.weight_calibration == "gptq":
@@ -91,20 +101,13 @@ def load_quantized(
     example_args: tuple = (),
     example_kwargs: dict[str, Any] | None = None,
     **transform_kwargs: Any,
-):
+) -> LoraModel:
     """Rebuild a LoraModel from a ``keep_quantized=True`` save of ``directory``.
 
     ``model`` provides the architecture (its float weights are replaced by the saved ones);
     example inputs are needed for tracing as in :func:`graphlora.transform`. Adapters saved
     alongside (``adapters/``) are loaded too.
     """
-    from graphlora.io.safetensors_io import load_state_dict
-    from graphlora.passes.quantize_weights import install_encoding
-    from graphlora.passes.weights import groups_by_weight
-    from graphlora.pipeline import transform
-    from graphlora.rules_file import rules_from_data
-    from graphlora.sites import tagged_sites
-
     root = Path(directory)
     config_path = root / QUANT_CONFIG_NAME
     try:
@@ -141,7 +144,7 @@ def load_quantized(
         for k, v in state.items():
             own[k].copy_(v)
     gm.recompile()
-    adapters = root / "adapters"
-    if (adapters / "adapter_config.json").exists():
-        lm.load_adapter(adapters)
+    adapters = root / ADAPTERS_SUBDIR
+    if (adapters / ADAPTER_CONFIG_NAME).exists():
+        load_adapter(lm, adapters)
     return lm

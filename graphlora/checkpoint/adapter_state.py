@@ -1,0 +1,167 @@
+"""A LoraModel's adapters as checkpoint content: which adapter a save writes to which
+subdirectory, the PEFT modules and config options each one becomes, and switching the active
+adapters around a save or a load.
+
+PEFT's format has one ``use_rslora`` and one ``lora_dropout`` per adapter where graphlora rules
+may set them per module, and it can only target modules: the payload keeps every module's exact
+scale and reports what PEFT cannot represent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec
+from graphlora.errors import AdapterError, GraphloraWarning, InputError
+from graphlora.io.peft_config import most_common
+from graphlora.io.peft_format import LoraModule, lora_keys
+from graphlora.model import LoraModel
+
+__all__ = ["active_as", "adapter_layout", "adapter_payload", "set_active"]
+
+
+def adapter_layout(
+    model: LoraModel, adapter_name: str | None = None, selected_adapters: Sequence[str] | None = None
+) -> dict[str, str]:
+    """Adapter name -> subdirectory ("" = the adapter directory itself) for a save.
+
+    One adapter (``adapter_name``, else the active one) goes to the top. ``selected_adapters``
+    follows PEFT's ``save_pretrained(selected_adapters=...)``: ``"default"`` at the top, every
+    other adapter in a subdirectory of its own name.
+    """
+    known = model.adapters
+    if selected_adapters is not None:
+        names = [selected_adapters] if isinstance(selected_adapters, str) else list(selected_adapters)
+        if not names:
+            raise InputError("selected_adapters is empty; name at least one adapter")
+        for name in names:
+            _check_adapter_name(name, known)
+        return {name: "" if name == DEFAULT_ADAPTER else name for name in dict.fromkeys(names)}
+    if adapter_name is not None:
+        _check_adapter_name(adapter_name, known)
+        return {adapter_name: ""}
+    active = model.active_adapters
+    if len(active) > 1:
+        raise AdapterError(
+            f"{len(active)} adapters are active ({', '.join(active)}); a PEFT adapter file holds one. "
+            "Pass adapter_name='...' to save one, or selected_adapters=[...] to save several"
+        )
+    if not known:
+        raise AdapterError("this model has no LoRA adapter to save; use a LoRA rule in transform()")
+    name = active[0] if active else (DEFAULT_ADAPTER if DEFAULT_ADAPTER in known else next(iter(known)))
+    return {name: ""}
+
+
+def _check_adapter_name(name: str, known: Mapping[str, Any]) -> None:
+    if name not in known:
+        raise AdapterError(f"unknown adapter {name!r}; this model has {sorted(known)}")
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise AdapterError(f"adapter name {name!r} cannot be used as a directory name")
+
+
+def adapter_payload(model: LoraModel, name: str) -> tuple[list[LoraModule], dict[str, Any]]:
+    """The PEFT modules of one adapter and the ``write_adapter`` options for it."""
+    specs = model.adapters[name]
+    if not specs:
+        raise AdapterError(f"adapter {name!r} has no LoRA modules to save")
+    weights = model.lora_state_dict(name)
+    layouts = {s.module_path: s.fan_in_fan_out for s in model.sites}
+    use_rslora = most_common([spec.use_rslora for spec in specs.values()])
+    modules = []
+    for path, spec in specs.items():
+        a_key, b_key = lora_keys(path)
+        modules.append(
+            LoraModule(
+                path=path,
+                rank=spec.rank,
+                alpha=_peft_alpha(spec, use_rslora),
+                lora_A=weights[a_key],
+                lora_B=weights[b_key],
+                fan_in_fan_out=layouts.get(path, False),
+                use_rslora=use_rslora,
+            )
+        )
+    _warn_unloadable_by_peft(model, specs)
+    options = dict(
+        lora_dropout=_adapter_dropout(name, specs),
+        use_rslora=use_rslora,
+        base_model_name_or_path=model.source.get("name_or_path"),
+        task_type=model.source.get("task_type"),
+        module_names=_module_names(model) | set(specs),
+    )
+    return modules, options
+
+
+def _peft_alpha(spec: LoraSpec, use_rslora: bool) -> float:
+    """The alpha that gives PEFT this module's scale under the adapter-wide rsLoRA flag.
+
+    PEFT has one ``use_rslora`` per adapter; graphlora rules may mix. A module whose flag differs
+    keeps its exact scale by rescaling alpha (alpha/sqrt(r) == (alpha*sqrt(r)/r)), written as an
+    ``alpha_pattern`` entry.
+    """
+    if spec.use_rslora == use_rslora:
+        return spec.alpha
+    return spec.scale * (spec.rank ** 0.5 if use_rslora else spec.rank)
+
+
+def _adapter_dropout(name: str, specs: Mapping[str, LoraSpec]) -> float:
+    """PEFT has one ``lora_dropout`` per adapter: the most common value (dropout does not change
+    inference, so a mismatch only affects further training, and is reported)."""
+    values = [spec.dropout for spec in specs.values()]
+    chosen = most_common(values)
+    if len(set(values)) > 1:
+        warnings.warn(
+            f"adapter {name!r} uses different LoRA dropouts per module ({sorted(set(values))}); PEFT "
+            f"stores one, so lora_dropout={chosen} is written",
+            GraphloraWarning,
+            stacklevel=4,
+        )
+    return float(chosen)
+
+
+def _module_names(model: LoraModel) -> set[str]:
+    """Module names of the base model as far as the graph keeps them (modules owning tensors),
+    without graphlora's own containers; used to keep PEFT's suffix matching exact."""
+    return {
+        name
+        for name, _ in model.graph_module.named_modules()
+        if name and not name.startswith("graphlora_")
+    }
+
+
+def _warn_unloadable_by_peft(model: LoraModel, specs: Mapping[str, LoraSpec]) -> None:
+    """Sites on bare parameters (``x @ self.w``) have no module PEFT could wrap."""
+    modules = _module_names(model)
+    bare = sorted(p for p in specs if p not in modules)
+    if bare:
+        warnings.warn(
+            f"LoRA on {', '.join(bare[:5])}: these sites are bare parameters, not modules; PEFT cannot "
+            "load LoRA weights for them (graphlora.load_adapter can)",
+            GraphloraWarning,
+            stacklevel=4,
+        )
+
+
+@contextlib.contextmanager
+def active_as(model: LoraModel, names: Sequence[str]) -> Iterator[None]:
+    """Temporarily make ``names`` the active adapters (the graph is rebuilt, then restored)."""
+    previous = model.active_adapters
+    if list(names) == previous:
+        yield
+        return
+    set_active(model, names)
+    try:
+        yield
+    finally:
+        set_active(model, previous)
+
+
+def set_active(model: LoraModel, names: Sequence[str]) -> None:
+    """Make exactly ``names`` the active adapters; an empty list runs the base model only."""
+    if names:
+        model.set_adapter(list(names))
+    else:
+        model.disable_adapters()

@@ -1,0 +1,177 @@
+"""Loading a PEFT LoRA adapter (saved by graphlora or by PEFT itself) into a LoraModel, or into a
+plain module, which is traced first.
+
+Everything is checked before the model changes — the files, that every target is a linear layer
+of this model, every factor's shape — so a bad adapter leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from graphlora import meta
+from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec
+from graphlora.checkpoint.adapter_state import set_active
+from graphlora.checkpoint.layout import is_weights_file, resolve_adapter_dir
+from graphlora.errors import AdapterError, InputError
+from graphlora.io.peft_config import ADAPTER_CONFIG_NAME
+from graphlora.io.peft_format import LoraAdapter, check_adapter_shapes, lora_keys, read_adapter
+from graphlora.model import LoraModel
+from graphlora.passes.insert_lora import param_features
+from graphlora.pipeline import transform
+from graphlora.sites import LinearSite, find_linear_sites, tagged_sites
+from graphlora.trace import TraceMethod
+
+__all__ = ["load_adapter"]
+
+
+def load_adapter(
+    model: LoraModel | nn.Module,
+    adapter_dir: str | os.PathLike[str],
+    *,
+    adapter_name: str = DEFAULT_ADAPTER,
+    example_args: tuple | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    method: TraceMethod = "export",
+    subfolder: str | None = None,
+    activate: bool | None = None,
+) -> LoraModel:
+    """Load a PEFT LoRA adapter (saved by graphlora or PEFT) as ``adapter_name``; return the model.
+
+    ``model`` is a :class:`LoraModel` (changed in place and returned) or a plain ``nn.Module``,
+    which is traced with ``example_args``/``example_kwargs`` (required then) and gets LoRA on
+    exactly the adapter's target modules, with its ranks and alphas. Target modules may be any
+    linear layer of the graph, also ones no rule of the LoraModel matched. An existing adapter of
+    the same name is replaced. ``activate``: ``None`` activates the loaded adapter when the model
+    had none active or it replaces an active one (PEFT's ``load_adapter`` leaves others active),
+    ``True``/``False`` force it.
+
+    Everything is checked before the model changes: the files (:func:`read_adapter`: missing
+    files, ``peft_type``, DoRA and other variants, corrupt weights), that every target is a linear
+    layer of the model, and every factor's shape (the first offending keys with expected shapes).
+    """
+    path = resolve_adapter_dir(adapter_dir, adapter_name, subfolder)
+    _refuse_model_checkpoint(path)
+    adapter = read_adapter(path)
+    if not isinstance(model, LoraModel):
+        model = _trace_for_adapter(model, example_args, example_kwargs, method, path)
+        activate = True if activate is None else activate
+    sites = _sites_by_path(model)
+    _check_fit(adapter, sites, path)
+    _install(model, adapter, adapter_name, sites, activate)
+    return model
+
+
+def _refuse_model_checkpoint(path: Path) -> None:
+    """A merged save (or any model checkpoint) is not an adapter: say so instead of "file missing"."""
+    if (path / ADAPTER_CONFIG_NAME).is_file() or not path.is_dir():
+        return
+    weights = sorted(name for name in os.listdir(path) if is_weights_file(name))
+    if weights:
+        raise AdapterError(
+            f"{path} holds a full model checkpoint ({weights[0]}) but no {ADAPTER_CONFIG_NAME}: it is "
+            "not an adapter (a merged save has the LoRA folded into its weights). Load it with "
+            "from_pretrained / load_state_dict, or point load_adapter at an adapter directory"
+        )
+
+
+def _trace_for_adapter(
+    model: nn.Module,
+    example_args: tuple | None,
+    example_kwargs: dict[str, Any] | None,
+    method: TraceMethod,
+    path: Path,
+) -> LoraModel:
+    """A LoraModel without adapters for a plain module; LoRA goes on the adapter's targets next."""
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"load_adapter() needs a LoraModel or a torch.nn.Module, got {type(model).__name__}"
+        )
+    if example_args is None and example_kwargs is None and method == "export":
+        raise InputError(
+            f"load_adapter({type(model).__name__}, {str(path)!r}): a plain model must be traced before "
+            "LoRA can be added, and tracing needs example inputs. Pass example_args=(...) and/or "
+            "example_kwargs={...} as you would to graphlora.transform(), or transform() the model "
+            "first and load the adapter into the LoraModel"
+        )
+    return transform(model, [], tuple(example_args or ()), dict(example_kwargs or {}), method=method)
+
+
+def _sites_by_path(model: LoraModel) -> dict[str, list[LinearSite]]:
+    """Every linear site of the graph by module path: the tagged ones (a rule matched them), then
+    the untagged ones, which a loaded adapter may also target."""
+    gm = model.graph_module
+    by_path: dict[str, list[LinearSite]] = {}
+    for site in tagged_sites(gm):
+        by_path.setdefault(site.module_path, []).append(site)
+    tagged = set(by_path)
+    for site in find_linear_sites(gm):
+        if site.module_path not in tagged and meta.role(site.node) is None:
+            by_path.setdefault(site.module_path, []).append(site)
+    return by_path
+
+
+def _check_fit(adapter: LoraAdapter, sites: Mapping[str, list[LinearSite]], path: Path) -> None:
+    """Every adapter module must be a linear site of the graph with the factor shapes PEFT would
+    build for it (lora_A (r, in), lora_B (out, r) in the weight's stored orientation)."""
+    unknown = [p for p in adapter.modules if p not in sites]
+    if unknown:
+        raise AdapterError(
+            f"adapter {str(path)!r} targets {len(unknown)} module(s) that are not linear layers of this "
+            f"model: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+            f"{_suggestion(unknown[0], sites)}. Was it trained on a different model?"
+        )
+    expected = {p: param_features(sites[p][0]) for p in adapter.modules}
+    check_adapter_shapes(adapter, expected)
+
+
+def _suggestion(path: str, sites: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(path, list(sites), n=1, cutoff=0.6)
+    if close:
+        return f" (closest linear layer: {close[0]!r})"
+    examples = ", ".join(list(sites)[:3])
+    return f" (its linear layers are e.g. {examples})" if examples else " (it has no linear layers)"
+
+
+def _install(
+    model: LoraModel,
+    adapter: LoraAdapter,
+    name: str,
+    sites: Mapping[str, list[LinearSite]],
+    activate: bool | None,
+) -> None:
+    """Create the adapter on the model (tagging untagged sites first) and copy its weights in."""
+    specs = {
+        p: LoraSpec(rank=m.rank, alpha=float(m.alpha), dropout=adapter.lora_dropout, use_rslora=m.use_rslora)
+        for p, m in adapter.modules.items()
+    }
+    previous = model.active_adapters
+    if name in model.adapters:
+        model.delete_adapter(name)
+    model.add_adapter(name, specs)
+    try:
+        weights = {}
+        for p, m in adapter.modules.items():
+            a_key, b_key = lora_keys(p)
+            weights[a_key], weights[b_key] = m.lora_A, m.lora_B
+        model.load_lora_state_dict(weights, adapter=name)
+    except BaseException:
+        model.delete_adapter(name)
+        raise
+    set_active(model, _next_active(previous, name, activate))
+
+
+def _next_active(previous: list[str], name: str, activate: bool | None) -> list[str]:
+    """Active adapters after loading ``name``: like PEFT's ``set_adapter(name)`` when activating
+    a new one, the previous set otherwise (minus ``name`` when told not to activate it)."""
+    if activate is None:
+        activate = name in previous or not previous
+    if not activate:
+        return [a for a in previous if a != name]
+    return previous if name in previous else [name]
