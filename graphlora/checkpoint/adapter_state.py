@@ -19,6 +19,7 @@ from graphlora.errors import AdapterError, GraphloraWarning, InputError
 from graphlora.io.peft_config import most_common
 from graphlora.io.peft_format import LoraModule, lora_keys
 from graphlora.model import LoraModel
+from graphlora.scaling import alpha_for_scale
 
 __all__ = ["active_as", "adapter_layout", "adapter_payload", "set_active"]
 
@@ -96,15 +97,12 @@ def adapter_payload(model: LoraModel, name: str) -> tuple[list[LoraModule], dict
 
 
 def _peft_alpha(spec: LoraSpec, use_rslora: bool) -> float:
-    """The alpha that gives PEFT this module's scale under the adapter-wide rsLoRA flag.
-
-    PEFT has one ``use_rslora`` per adapter; graphlora rules may mix. A module whose flag differs
-    keeps its exact scale by rescaling alpha (alpha/sqrt(r) == (alpha*sqrt(r)/r)), written as an
-    ``alpha_pattern`` entry.
-    """
+    """The alpha that gives PEFT this module's scale under the adapter-wide rsLoRA flag: its own
+    alpha when the flags agree (the config keeps what the user wrote), else the rescaled one,
+    which the config writes as an ``alpha_pattern`` entry."""
     if spec.use_rslora == use_rslora:
         return spec.alpha
-    return spec.scale * (spec.rank ** 0.5 if use_rslora else spec.rank)
+    return alpha_for_scale(spec.scale, spec.rank, use_rslora)
 
 
 def _adapter_dropout(name: str, specs: Mapping[str, LoraSpec]) -> float:

@@ -20,7 +20,6 @@ File format
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,6 +39,7 @@ from graphlora.io.peft_config import (
     resolve_pattern,
 )
 from graphlora.io.safetensors_io import read_safetensors, write_json, write_safetensors
+from graphlora.scaling import lora_scale
 
 __all__ = [
     "ADAPTER_FILES",
@@ -198,7 +198,7 @@ class LoraModule:
     @property
     def scale(self) -> float:
         """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA (PEFT's ``scaling``)."""
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return lora_scale(self.alpha, self.rank, self.use_rslora)
 
     @property
     def in_features(self) -> int:
