@@ -97,7 +97,7 @@ def save_on_rank0(model: nn.Module, save_directory: Any, *, group: Any = None, *
     Sharded tensors are gathered first (all ranks take part): just the LoRA factors for
     ``only_save_adapters=True``, every parameter for the base-and-adapter and merged layouts.
     All ranks then wait until rank 0 finished writing, and every rank returns rank 0's result
-    (a :class:`graphlora.io.lora_io.SaveResult`). If rank 0 fails, rank 0 raises its error and
+    (a :class:`graphlora.checkpoint.SaveResult`). If rank 0 fails, rank 0 raises its error and
     the other ranks raise :class:`DistributedError` instead of hanging. Without a process group
     this is ``model.save_pretrained``.
     """
