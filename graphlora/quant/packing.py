@@ -7,6 +7,9 @@ HIGH nibble. A last dimension of odd length is padded with one zero code, so ``(
 -1 is ``0xF`` and -8 is ``0x8``. Packing works on the last dimension only: pack a flattened
 tensor to get ONNX's whole-tensor packing, or a ``(rows, K)`` matrix to get one padded byte row
 per row (the two agree whenever K is even).
+
+``high_first=True`` swaps the two nibbles of every byte: element ``2*i`` in the HIGH nibble. That
+is bitsandbytes' order, which onnxruntime's ``MatMulBnb4`` reads.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ def packed_length(n: int) -> int:
     return (n + 1) // 2
 
 
-def pack_4bit(codes: torch.Tensor, *, signed: bool | None = None) -> torch.Tensor:
+def pack_4bit(
+    codes: torch.Tensor, *, signed: bool | None = None, high_first: bool = False
+) -> torch.Tensor:
     """Pack 4-bit codes along the last dimension into ``uint8``.
 
     ``signed`` defaults to ``codes.is_signed()``; signed codes must lie in [-8, 7], unsigned in
     [0, 15] — anything else raises a QuantizationError rather than wrapping silently.
+    ``high_first`` selects the bitsandbytes nibble order (see the module docstring).
     """
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise QuantizationError(f"pack_4bit expects integer codes, got {codes.dtype}")
@@ -42,12 +48,15 @@ def pack_4bit(codes: torch.Tensor, *, signed: bool | None = None) -> torch.Tenso
     nibbles = codes.to(torch.int16) & 0xF  # two's complement for negatives
     if nibbles.shape[-1] % 2:
         nibbles = torch.nn.functional.pad(nibbles, (0, 1))
-    low = nibbles[..., 0::2]
-    high = nibbles[..., 1::2]
+    first = nibbles[..., 0::2]
+    second = nibbles[..., 1::2]
+    low, high = (second, first) if high_first else (first, second)
     return (low | (high << 4)).to(torch.uint8)
 
 
-def unpack_4bit(packed: torch.Tensor, n: int, *, signed: bool) -> torch.Tensor:
+def unpack_4bit(
+    packed: torch.Tensor, n: int, *, signed: bool, high_first: bool = False
+) -> torch.Tensor:
     """Inverse of :func:`pack_4bit`: ``(..., ceil(n/2))`` bytes -> ``(..., n)`` codes.
 
     Returns ``int8`` codes in [-8, 7] when ``signed``, else ``uint8`` codes in [0, 15].
@@ -59,15 +68,16 @@ def unpack_4bit(packed: torch.Tensor, n: int, *, signed: bool) -> torch.Tensor:
             f"unpack_4bit: last dimension {packed.shape[-1]} does not hold {n} codes "
             f"(expected {packed_length(n)} bytes)"
         )
-    return _unpack(packed, n, signed)
+    return _unpack(packed, n, signed, high_first)
 
 
-def _unpack(packed: torch.Tensor, n: int, signed: bool) -> torch.Tensor:
+def _unpack(packed: torch.Tensor, n: int, signed: bool, high_first: bool = False) -> torch.Tensor:
     """Unchecked unpacking (also used inside the custom op kernels)."""
     b = packed.to(torch.int16)
     low = b & 0xF
     high = (b >> 4) & 0xF
-    codes = torch.stack((low, high), dim=-1).flatten(-2)[..., :n]
+    pair = (high, low) if high_first else (low, high)
+    codes = torch.stack(pair, dim=-1).flatten(-2)[..., :n]
     if signed:
         return (codes - ((codes & 0x8) << 1)).to(torch.int8)  # sign-extend the nibble
     return codes.to(torch.uint8)
