@@ -14,12 +14,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Sequence
 
 from graphlora.errors import RuleError
+from graphlora.quant.weight_methods import WeightMethod, weight_method, weight_method_names
 from graphlora.scaling import lora_scale
 
 # The one-line toggle (Kithara's ``lora_rank=16``): attention query and value projections.
 DEFAULT_TARGETS = r"(.*\.)?(q_proj|v_proj|query|value|c_attn)"
 
-WEIGHT_CALIBRATIONS = ("absmax", "minmax", "mse", "gptq")
 ACT_CALIBRATIONS = ("minmax", "percentile", "mse")
 LORA_INITS = ("kaiming", "gaussian")
 
@@ -53,6 +53,16 @@ class QuantRule:
     @property
     def has_lora(self) -> bool:
         return False
+
+    @property
+    def weight_method(self) -> WeightMethod:
+        """The registered weight-calibration method this rule names."""
+        return weight_method(self.weight_calibration)
+
+    @property
+    def needs_calibration_data(self) -> bool:
+        """True when the base weight is quantized by a method that runs on calibration inputs."""
+        return bool(self.weight_qtype) and self.weight_method.needs_data
 
     def describe(self) -> str:
         """Short, stable description used in messages and graph text."""
@@ -151,9 +161,9 @@ def validate_rule(index: int, rule: QuantRule) -> None:
         raise RuleError(f"{where}: group_size must be a positive int or None, got {rule.group_size!r}")
     if rule.group_size is not None and rule.weight_qtype == "fp8_e4m3":
         raise RuleError(f"{where}: fp8_e4m3 weights are scaled per channel; group_size must be None")
-    if rule.weight_calibration not in WEIGHT_CALIBRATIONS:
+    if rule.weight_calibration not in weight_method_names():
         raise RuleError(
-            f"{where}: weight_calibration must be one of {WEIGHT_CALIBRATIONS}, "
+            f"{where}: weight_calibration must be one of {weight_method_names()}, "
             f"got {rule.weight_calibration!r}"
         )
     if rule.act_calibration not in ACT_CALIBRATIONS:

@@ -31,9 +31,10 @@ from graphlora.calibration import calibrate
 from graphlora.errors import GraphloraError, InputError
 from graphlora.model import LoraModel
 from graphlora.passes.base import GraphPass, PassRecord, PassResult
-from graphlora.passes.gptq import GPTQPass
+from graphlora.passes.quant_passes import data_method_passes
 from graphlora.passes.quantize_weights import QuantizeWeightsPass
 from graphlora.quant import Encoding
+from graphlora.quant.weight_methods import weight_method
 from graphlora.sites import tagged_sites
 from graphlora.train import TrainResult, train_lora
 
@@ -109,13 +110,13 @@ class QuantLoraWorkflow:
         if method is not None:
             passes.append(RetagRulesPass({"weight_calibration": method}))
         passes.append(QuantizeWeightsPass(storage="float", encodings=encodings))
-        needs_gptq = encodings is None and (
-            method == "gptq" or any(s.rule and s.rule.weight_calibration == "gptq" for s in self.model.sites)
-        )
-        if needs_gptq:
-            if calibration_data is None:
-                raise InputError("GPTQ (step 1) needs calibration_data")
-            passes.append(GPTQPass(calibration_data, storage="float", num_batches=num_batches, progress=progress))
+        if encodings is None:
+            chosen = [method] if method is not None else [s.rule.weight_calibration for s in self.model.sites if s.rule]
+            data_methods = [m for m in chosen if weight_method(m).needs_data]
+            if data_methods and calibration_data is None:
+                raise InputError(f"{data_methods[0].upper()} (step 1) needs calibration_data")
+            passes += data_method_passes(data_methods, calibration_data, storage="float",
+                                         num_batches=num_batches, progress=progress)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -84,12 +84,14 @@ def requantize_merged(gm: fx.GraphModule) -> None:
     """Quantize a merged graph's weights again, each with its site's rule (packed storage).
 
     Merging moved the weights off their grid, so encodings are recomputed with the rule's
-    round-to-nearest method (``gptq`` needs data: its sites use ``mse`` here).
+    round-to-nearest method (a method that needs data, GPTQ, gives way to its registered
+    data-free stand-in, ``mse``).
     """
     for site in tagged_sites(gm):
         rule = site.rule
-        if rule is not None and rule.weight_calibration == "gptq":
-            meta.tag(site.node, "base", rule=dataclasses.replace(rule, weight_calibration="mse"))
+        if rule is not None and rule.needs_calibration_data:
+            stand_in = rule.weight_method.data_free
+            meta.tag(site.node, "base", rule=dataclasses.replace(rule, weight_calibration=stand_in))
     QuantizeWeightsPass(storage="packed")(gm)
     gm.graph.lint()
     gm.recompile()

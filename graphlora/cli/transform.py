@@ -62,11 +62,12 @@ def _build(args: argparse.Namespace, *, require_calibration: bool) -> tuple["Lor
     progress = not args.no_progress
     rules, loaded = load_rules_and_model(args, progress=progress)
     batches = calibration_batches(args.calibrate_with, loaded) if args.calibrate_with else None
-    gptq = [i for i, r in enumerate(rules) if r.weight_qtype and r.weight_calibration == "gptq"]
-    if gptq and batches is None:
+    data_rules = [i for i, r in enumerate(rules) if r.needs_calibration_data]
+    if data_rules and batches is None:
+        first = rules[data_rules[0]]
         raise InputError(
-            f"{args.rules}: rule #{gptq[0]} uses weight_calibration='gptq', which needs calibration "
-            "data: pass --calibrate-with TEXTFILE"
+            f"{args.rules}: rule #{data_rules[0]} uses weight_calibration={first.weight_calibration!r}, "
+            "which needs calibration data: pass --calibrate-with TEXTFILE"
         )
     model = transform(
         loaded.model,

@@ -58,6 +58,8 @@ class GPTQPass(GraphPass):
     num_batches: int | None = None
     progress: bool = True
     percdamp: float = 0.01
+    #: the registered weight-calibration method this pass runs (graphlora.quant.weight_methods)
+    method: str = "gptq"
     quantized: list[str] = field(default_factory=list)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -66,7 +68,7 @@ class GPTQPass(GraphPass):
             for name, sites in groups_by_weight(tagged_sites(gm)).items()
             if sites[0].rule is not None
             and sites[0].rule.weight_qtype
-            and sites[0].rule.weight_calibration == "gptq"
+            and sites[0].rule.weight_calibration == self.method
             and "weight_qtype" not in sites[0].node.meta["graphlora"]
             and "weight_encoding" not in sites[0].node.meta["graphlora"]
         }
@@ -161,7 +163,7 @@ class GPTQPass(GraphPass):
             percdamp=self.percdamp,
             name=name,
         )
-        install_encoding(gm, sites, result.encoding, self.storage, codes=result.codes, method="gptq")
+        install_encoding(gm, sites, result.encoding, self.storage, codes=result.codes, method=self.method)
 
 
 def dependency_waves(gm: fx.GraphModule, groups: dict[str, list[LinearSite]]) -> list[list[str]]:

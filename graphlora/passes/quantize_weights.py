@@ -53,9 +53,9 @@ def default_scale_dtype(qtype: str, double_quant: bool) -> torch.dtype:
 def rule_encoding(site: LinearSite, rule: QuantRule, weight: torch.Tensor) -> Encoding:
     """Round-to-nearest encoding of one parameter according to its rule."""
     method = rule.weight_calibration
-    if method == "gptq":
+    if rule.weight_method.needs_data:
         raise QuantizationError(
-            f"site {site.module_path!r}: weight_calibration='gptq' needs calibration data; pass "
+            f"site {site.module_path!r}: weight_calibration={method!r} needs calibration data; pass "
             "calibration_data=... to transform() or use the QW-LoRA workflow (graphlora.qw_lora)"
         )
     double_quant = bool(rule.double_quant and get_qtype(rule.weight_qtype).kind == "nf4")
@@ -165,7 +165,7 @@ class QuantizeWeightsPass(GraphPass):
                 continue
             if name in given:
                 install_encoding(gm, sites, given.pop(name), self.storage, method="given")
-            elif rule is not None and rule.weight_qtype and rule.weight_calibration != "gptq":
+            elif rule is not None and rule.weight_qtype and not rule.needs_calibration_data:
                 weight = sites[0].param_value().detach()
                 enc = rule_encoding(sites[0], rule, weight)
                 install_encoding(gm, sites, enc, self.storage, weight=weight, method=rule.weight_calibration)

@@ -25,6 +25,13 @@ from graphlora.quant.qtypes import (
     qtype_names,
 )
 from graphlora.quant.weight_calibration import calibrate_weight
+from graphlora.quant.weight_methods import (
+    WeightMethod,
+    data_free_method,
+    register_weight_method,
+    weight_method,
+    weight_method_names,
+)
 
 __all__ = [
     "NF4_CODEBOOK",
@@ -53,4 +60,9 @@ __all__ = [
     "reduce_observers",
     "storage_breakdown",
     "unpack_4bit",
+    "WeightMethod",
+    "data_free_method",
+    "register_weight_method",
+    "weight_method",
+    "weight_method_names",
 ]
