@@ -7,6 +7,8 @@ without fake metadata (a symbolic trace without example inputs) simply get no sh
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -65,6 +67,20 @@ def delete_tensor(root: nn.Module, qualname: str) -> None:
     owner = root.get_submodule(head) if head else root
     owner._parameters.pop(leaf, None)
     owner._buffers.pop(leaf, None)
+
+
+def share_storage_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """Copy a GraphModule (graph and module tree) while sharing every tensor with the original.
+
+    Passes may then rewrite the copy's graph and re-register its tensors (a merge, an export's
+    preparation) without touching the original or duplicating its weights.
+    """
+    memo: dict[int, Any] = {}
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        memo[id(t)] = t
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation notice
+        return copy.deepcopy(gm, memo)
 
 
 def fake_mode(gm: fx.GraphModule):

@@ -9,8 +9,6 @@ adapters removes and re-inserts branches (a pair of graph passes), so what runs 
 from __future__ import annotations
 
 import contextlib
-import copy
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
@@ -21,6 +19,7 @@ import torch.nn as nn
 from graphlora import adapters as adapter_store
 from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec, peft_name
 from graphlora.errors import AdapterError, InputError
+from graphlora.graph_utils import share_storage_copy
 from graphlora.passes.base import PassPipeline, PassRecord
 from graphlora.passes.insert_lora import InsertLoraPass, RemoveLoraPass
 from graphlora.passes.merge_lora import MergeLoraPass
@@ -509,16 +508,6 @@ def _refuse_fsdp_modules(gm: fx.GraphModule, what: str) -> None:
             "graphlora.distributed.save_on_rank0(model, dir, save_adapters_separately=False) for a "
             "merged save, or gather the weights first"
         )
-
-
-def share_storage_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """Copy a GraphModule (graph and module tree) while sharing every tensor with the original."""
-    memo: dict[int, Any] = {}
-    for t in list(gm.parameters()) + list(gm.buffers()):
-        memo[id(t)] = t
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation notice
-        return copy.deepcopy(gm, memo)
 
 
 def _strip_peft_prefix(key: str) -> str:

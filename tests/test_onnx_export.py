@@ -21,7 +21,7 @@ from test_onnx_fixtures import (
 from toy_models import MLP, AllSpellings, ids, tiny_bert
 
 import graphlora
-from graphlora.errors import ExportError, GraphloraWarning
+from graphlora.errors import ExportError, GraphloraWarning, PassError
 from graphlora.onnx import (
     InferenceSession,
     export_onnx,
@@ -351,3 +351,39 @@ def test_external_data(mlp_int4, tmp_path, monkeypatch):
     x = torch.randn(3, 64)
     ref = prepare(mlp_int4.graph_module, "merged").graph_module(x)
     assert rel_err(_run(path, {"x": x})[0], ref.detach()) < BOUNDS["int4"]
+
+
+# ----------------------------------------------------------------------------- preparation passes
+def test_export_steps_are_recorded_diffable_passes(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 16)
+    rule = graphlora.LoraRule(".*", rank=2, weight_qtype="int8")
+    lm = randomize_lora(graphlora.transform(MLP((16, 16, 4)).eval(), rule, (x,), record=True))
+    merged = export_onnx(lm, tmp_path / "m.onnx", (x,), lora="merged")
+    assert [(r.name, r.modified) for r in merged.pass_log] == [
+        ("MergeLoraForExportPass", True), ("StoreGridWeightsPass", False), ("PruneUnusedPass", True)]
+    fold = merged.pass_log[0].diff
+    assert set(fold.by_module_path()) == {"layers.0", "layers.1"}
+    assert "lora_add" in fold.summary and not fold.summary.startswith("+1")
+    inputs = export_onnx(lm, tmp_path / "i.onnx", (x,), lora="inputs")
+    assert [r.name for r in inputs.pass_log] == ["StoreGridWeightsPass", "LoraAsInputsPass",
+                                                 "PruneUnusedPass"]
+    assert "graphlora_lora_inputs" in str(inputs.pass_log[1].diff)
+    plain = graphlora.transform(MLP((16, 16, 4)).eval(), rule, (x,))  # not recorded: no texts
+    record = export_onnx(plain, tmp_path / "p.onnx", (x,), lora="branch").pass_log[0]
+    assert record.before is None and record.seconds >= 0
+    with pytest.raises(PassError, match="record=True"):
+        record.diff
+
+
+def test_export_requires_calibrated_observers(tmp_path):
+    from graphlora.passes.observers import InsertObserversPass
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16)
+    lm = graphlora.transform(MLP((16, 16, 4)).eval(), graphlora.LoraRule(".*", rank=2, act_qtype="uint8"), (x,))
+    lm.run_passes([InsertObserversPass()])
+    for mode in ("merged", "branch", "inputs"):
+        with pytest.raises(ExportError, match="2 activation observer.*graphlora.calibrate"):
+            export_onnx(lm, tmp_path / "m.onnx", (x,), lora=mode)
+    assert list(tmp_path.iterdir()) == []

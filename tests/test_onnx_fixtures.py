@@ -13,8 +13,9 @@ import torch
 from torch import fx
 
 from graphlora import meta
+from graphlora.branches import find_branches
 from graphlora.graph_utils import remove_dead_nodes, set_tensor
-from graphlora.onnx.prepare import find_branches, install_quantized
+from graphlora.passes.quantize_weights import install_encoding
 from graphlora.quant import Encoding, calibrate_weight, get_qtype
 from graphlora.quant.affine import affine_params_from_range
 from graphlora.quant.ops import OPS
@@ -41,7 +42,7 @@ def quantize_weights(lm, qtype: str, group_size: int | None = None, *, method: s
         enc = calibrate_weight(w, qtype, method=method, axis=axis, block_size=group_size,
                                scale_dtype=scale_dtype, double_quant=double_quant, name=name)
         if storage == "packed":
-            install_quantized(gm, sites, enc, w)
+            install_encoding(gm, sites, enc, "packed", weight=w)
             for s in sites:
                 meta.tag(s.node, "base", weight_qtype=qt.name)
         else:

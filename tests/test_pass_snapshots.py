@@ -10,10 +10,10 @@ import torch
 
 import graphlora
 from graphlora import LoraRule, QuantRule
+from graphlora.graph_utils import share_storage_copy
 from graphlora.passes.gptq import GPTQPass
 from graphlora.passes.insert_lora import RemoveLoraPass
 from graphlora.passes.merge_lora import MergeLoraPass
-from graphlora.model import share_storage_copy
 from toy_models import MLP, ids, tiny_llama
 
 SNAPSHOTS = "passes"

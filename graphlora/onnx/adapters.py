@@ -24,17 +24,28 @@ from pathlib import Path
 
 import numpy as np
 
+from graphlora.adapters import lora_param_name
 from graphlora.errors import AdapterError, ExportError
+from graphlora.graph_utils import get_tensor
 from graphlora.io.atomic import atomic_path
+from graphlora.passes.export_lora_inputs import adapter_input_name, input_layout
 
 ADAPTER_SUFFIX = ".onnx_adapter"
 
 
 def adapter_tensors(lora_model, adapter: str | None = None) -> dict[str, np.ndarray]:
-    """One adapter's tensors under the ``lora="inputs"`` input names, as float32 arrays."""
-    from graphlora.onnx.prepare import adapter_arrays
-
-    return {k: v.detach().cpu().float().numpy() for k, v in adapter_arrays(lora_model, adapter).items()}
+    """One adapter's tensors under the ``lora="inputs"`` input names, as float32 arrays:
+    ``<site>.lora_A`` = ``A^T`` ``(in, r)``, ``<site>.lora_B`` = ``(scale * B)^T`` ``(r, out)``,
+    from its stored pairs (any adapter of the model, active or not)."""
+    name = lora_model._resolve_adapter(adapter)
+    gm = lora_model.graph_module
+    out: dict[str, np.ndarray] = {}
+    for path, spec in lora_model.adapters[name].items():
+        a = get_tensor(gm, lora_param_name(name, path, "lora_A")).detach().float()
+        b = get_tensor(gm, lora_param_name(name, path, "lora_B")).detach().float()
+        for which, value in zip(("lora_A", "lora_B"), input_layout(a, b, spec.scale)):
+            out[adapter_input_name(path, which)] = value.cpu().numpy()
+    return out
 
 
 def write_adapter(

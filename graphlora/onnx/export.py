@@ -2,8 +2,9 @@
 
 The pipeline, each step in its own module:
 
-1. :mod:`~graphlora.onnx.prepare` — an eval-mode, storage-sharing copy of the graph, LoRA merged /
-   kept as a branch / turned into named weights, every quantized weight a ``graphlora::dequantize*``;
+1. :mod:`~graphlora.onnx.prepare` — graph passes on an eval-mode, storage-sharing copy of the graph
+   (recorded in :attr:`OnnxExport.pass_log`): LoRA merged / kept as a branch / turned into named
+   weights, every quantized weight a ``graphlora::dequantize*``;
 2. ``torch.onnx.export(dynamo=True)`` with :mod:`~graphlora.onnx.dialect`'s translation table —
    graphlora ops become ``pkg.graphlora`` nodes; onnxscript's optimizer cleans the graph (it
    folds no Q/DQ and does not touch dialect nodes);
@@ -31,7 +32,9 @@ from torch import fx, nn
 
 from graphlora.errors import ExportError, MissingDependencyError
 from graphlora.io.atomic import atomic_path, atomic_write
-from graphlora.onnx.prepare import LORA_MODES, LoraInput, prepare
+from graphlora.onnx.prepare import check_lora_mode, prepare
+from graphlora.passes.base import PassRecord
+from graphlora.passes.export_lora_inputs import LoraInput
 
 log = logging.getLogger("graphlora.onnx")
 
@@ -43,7 +46,9 @@ _EXTERNAL_MARGIN = 64 * 2**20  # protobuf's limit includes the graph itself
 
 @dataclass
 class OnnxExport:
-    """What :func:`export_onnx` wrote."""
+    """What :func:`export_onnx` wrote, and the preparation passes that led to it (``pass_log``:
+    name, modified, seconds, and graph texts before/after — ``record.diff`` — when the model was
+    transformed with ``record=True``)."""
 
     path: Path
     lora: str
@@ -57,6 +62,7 @@ class OnnxExport:
     quantized_activations: int = 0
     contrib_ops: list[str] = field(default_factory=list)
     unfused: list[str] = field(default_factory=list)
+    pass_log: list[PassRecord] = field(default_factory=list)
 
 
 def export_onnx(
@@ -83,8 +89,7 @@ def export_onnx(
     """
     _require_onnx()
     gm = _graph_module(model)
-    if lora not in LORA_MODES:
-        raise ExportError(f"unknown lora mode {lora!r}; use one of {', '.join(LORA_MODES)}")
+    check_lora_mode(lora)
     if not isinstance(opset, int) or opset < 18:
         raise ExportError(f"opset {opset!r} is not supported; graphlora exports opset 18..21 "
                           "(int4/uint4 and int16 need 21, fp8 needs 19)")
@@ -99,7 +104,7 @@ def export_onnx(
 
     from graphlora.onnx.lowering import required_opset
 
-    prepared = prepare(gm, lora)
+    prepared = prepare(gm, lora, record=_records(model))
     too_new = [(where, need) for where, need in required_opset(prepared.graph_module) if need > opset]
     if too_new:
         where, need = too_new[0]
@@ -133,7 +138,7 @@ def export_onnx(
         path=Path(path), lora=lora, opset=opset, lora_inputs=prepared.lora_inputs,
         adapter=prepared.adapter, quantized_weights=report.weights,
         quantized_activations=report.activations, contrib_ops=sorted(set(report.contrib_ops)),
-        unfused=report.unfused,
+        unfused=report.unfused, pass_log=prepared.pass_log,
         inputs=[v.name for v in onnx_model.graph.inputs],
         outputs=[v.name for v in onnx_model.graph.outputs],
     )
@@ -153,6 +158,13 @@ def _graph_module(model: nn.Module) -> fx.GraphModule:
         f"export_onnx needs a graphlora LoraModel (from graphlora.transform) or a GraphModule "
         f"(e.g. LoraModel.merge()), got {type(model).__name__}"
     )
+
+
+def _records(model: nn.Module) -> bool:
+    """Whether the export keeps graph texts of its passes: as the model's own passes did."""
+    from graphlora.model import LoraModel
+
+    return isinstance(model, LoraModel) and model._record_passes
 
 
 def default_dynamic_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict | None:

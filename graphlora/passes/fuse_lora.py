@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphlora import meta
+from graphlora.branches import LoraBranch, find_branches
 from graphlora.passes.base import GraphPass, PassResult
 
 aten = torch.ops.aten
@@ -72,24 +72,21 @@ def _backward(ctx, grad):
 lora_linear.register_autograd(_backward, setup_context=_setup)
 
 
-def _branch(add: fx.Node) -> dict[str, fx.Node] | None:
-    """The nodes of one standard LoRA branch ending at ``add`` (None for other shapes)."""
-    base, b_out = add.args
-    if not isinstance(b_out, fx.Node) or meta.role(b_out) != "lora_b" or b_out.target != aten.linear.default:
-        return None
-    scaled = b_out.args[0]
-    if meta.role(scaled) != "lora_scale" or not isinstance(scaled.args[1], float):
-        return None
-    a_out = scaled.args[0]
-    if meta.role(a_out) != "lora_a" or a_out.target != aten.linear.default:
-        return None
-    if meta.role(base) != "base" or base.target != aten.linear.default or base.kwargs:
-        return None
-    if a_out.args[0] is not base.args[0]:
-        return None  # dropout or quantization on the branch input
-    if any(len(n.users) != 1 for n in (a_out, scaled, b_out)) or len(base.users) != 1:
-        return None
-    return {"base": base, "a": a_out, "scale": scaled, "b": b_out}
+def _fusable(br: LoraBranch) -> bool:
+    """A standard branch straight on an ``aten.linear`` site: nothing between its ops (no dropout,
+    no quantizer), it alone reads the site's output, and it reads the site's own input."""
+    base, a, scale, b = br.site.node, br.a, br.scale, br.b
+    if not br.standard or scale is None or br.dropout is not None:
+        return False
+    if br.add.args[1] is not b or b.args[0] is not scale or scale.args[0] is not a:
+        return False
+    if not isinstance(scale.args[1], float):
+        return False
+    if br.add.args[0] is not base or base.target != aten.linear.default or base.kwargs:
+        return False
+    if a.args[0] is not base.args[0]:
+        return False  # quantization on the branch input
+    return all(len(n.users) == 1 for n in (a, scale, b, base))
 
 
 class FuseLoraLinearPass(GraphPass):
@@ -97,21 +94,20 @@ class FuseLoraLinearPass(GraphPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
-        for add in [n for n in gm.graph.nodes if meta.role(n) == "lora_add"]:
-            parts = _branch(add)
-            if parts is None:
+        for br in find_branches(gm):
+            if not _fusable(br):
                 continue
-            base = parts["base"]
+            base, add = br.site.node, br.add
             x, weight = base.args[0], base.args[1]
             bias = base.args[2] if len(base.args) > 2 else None
             with gm.graph.inserting_before(add):
                 fused = gm.graph.call_function(
                     torch.ops.graphlora.lora_linear.default,
-                    (x, weight, bias, parts["a"].args[1], parts["b"].args[1], parts["scale"].args[1]),
+                    (x, weight, bias, br.a.args[1], br.b.args[1], br.scale.args[1]),
                 )
             fused.meta.update(add.meta)
             add.replace_all_uses_with(fused)
-            for n in (add, parts["b"], parts["scale"], parts["a"], base):
+            for n in (add, br.b, br.scale, br.a, base):
                 gm.graph.erase_node(n)
             modified = True
         return PassResult(gm, modified)

@@ -18,6 +18,8 @@ import torch.fx as fx
 
 from graphlora import meta
 from graphlora.adapters import LoraSpec, create_lora_pair
+from graphlora.branches import check_no_lora, find_branches, remove
+from graphlora.errors import PassError
 from graphlora.graph_utils import copy_stack, fake_mode, insert_call, insert_get_attr
 from graphlora.passes.base import GraphPass, PassResult
 from graphlora.sites import LinearSite, tagged_sites
@@ -56,6 +58,14 @@ class InsertLoraPass(GraphPass):
             _insert_branch(gm, site, self.adapter, spec, self.training, mode, rank_vals)
             modified = True
         return PassResult(gm, modified)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        have = {meta.info(n).get("site_key") for n in gm.graph.nodes
+                if meta.role(n) == "lora_add" and meta.info(n).get("adapter") == self.adapter}
+        missing = [s.spec.key for s in tagged_sites(gm)
+                   if s.module_path in self.specs and s.spec.key not in have]
+        if missing:
+            raise PassError(f"{self.name}: sites {', '.join(missing[:5])} got no LoRA branch")
 
 
 def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training: bool, mode, rank_vals: dict) -> None:
@@ -116,18 +126,10 @@ class RemoveLoraPass(GraphPass):
     """Take every LoRA branch out of the graph (used to switch or disable adapters)."""
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        graph = gm.graph
-        modified = False
-        for node in reversed(list(graph.nodes)):
-            if meta.role(node) == "lora_add":
-                base_out = node.args[0]
-                node.replace_all_uses_with(base_out)
-                modified = True
-        if not modified:
-            return PassResult(gm, False)
-        # Everything a branch owns carries its adapter name (weights, LoRA ops, and any
-        # observers or fake-quant a quantization pass put on the branch).
-        for node in reversed(list(graph.nodes)):
-            if meta.info(node).get("adapter") is not None and not node.users:
-                graph.erase_node(node)
-        return PassResult(gm, True)
+        found = find_branches(gm)
+        remove(*found)
+        return PassResult(gm, bool(found))
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        check_no_lora(gm, self.name)
+

@@ -1,10 +1,14 @@
 """Fold LoRA into the base weights: ``W <- W + scale * B @ A`` and drop the branches.
 
-Works on whatever weight a site computes with: a float parameter, or a quantized weight read
-through dequantize nodes (which is evaluated, so a merged QLoRA model becomes a float model). The
-merged weight keeps the parameter's original name, so a merged model's state dict has the
-original model's keys. A weight that is also read elsewhere (a tied embedding) is left as it is
-for those readers; the merged copy gets its own name (``<name>__merged``).
+:class:`FoldLoraPass` is the one merge: read the deltas, take the branches out, give each weight
+``W + delta``. Two passes fill it in. :class:`MergeLoraPass` (``LoraModel.merge``, merged saves)
+merges adapters' stored pairs into *float* weights: a quantized weight read through dequantize
+nodes is evaluated, so a merged QLoRA model becomes a float model. The merged weight keeps the
+parameter's original name, so a merged model's state dict has the original model's keys. A
+weight that is also read elsewhere (a tied embedding) is left as it is for those readers; the
+merged copy gets its own name (``<name>__merged``). The export's merge
+(:mod:`graphlora.passes.export_merge`) folds the branches as the graph runs them and stores the
+result like the base was.
 """
 
 from __future__ import annotations
@@ -14,54 +18,97 @@ from typing import Mapping
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from graphlora import meta
 from graphlora.adapters import ADAPTERS_ROOT, LoraSpec, lora_param_name
-from graphlora.graph_utils import delete_tensor, get_tensor
+from graphlora.branches import check_no_lora, find_branches, lora_delta, remove
+from graphlora.graph_utils import get_tensor
 from graphlora.passes.base import GraphPass, PassResult
-from graphlora.passes.insert_lora import RemoveLoraPass
-from graphlora.passes.weights import groups_by_weight, replace_with_tensor
-from graphlora.sites import tagged_sites
+from graphlora.passes.weights import drop_unread_tensors, groups_by_weight, replace_with_tensor
+from graphlora.sites import LinearSite, tagged_sites
 
 
-def lora_delta(gm: nn.Module, adapter: str, path: str, spec: LoraSpec) -> torch.Tensor:
-    """scale * B @ A in PEFT orientation (out, in) of the parameter, computed in float32."""
-    a = get_tensor(gm, lora_param_name(adapter, path, "lora_A")).detach().float()
-    b = get_tensor(gm, lora_param_name(adapter, path, "lora_B")).detach().float()
-    return (b @ a) * spec.scale
+Deltas = dict[tuple[str, str], torch.Tensor]  # (weight name, module path) -> delta, param layout
+
+
+class FoldLoraPass(GraphPass):
+    """Take the branches out and give each (weight, module path) with a delta ``W + delta``.
+
+    Subclasses say where the deltas come from (:meth:`deltas`, read before the branches go), how
+    a weight tied across module paths is handled (:meth:`placements`) and how the merged weight
+    is stored (:meth:`install`).
+    """
+
+    def deltas(self, gm: fx.GraphModule) -> Deltas:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def placements(self, gm: fx.GraphModule, group: list[LinearSite], deltas: Deltas
+                   ) -> list[tuple[str, list[LinearSite], str | None]]:
+        """``(module path, sites, name)`` per merged tensor of one weight (see _by_module_path)."""
+        return _by_module_path(gm, group)
+
+    def install(self, gm: fx.GraphModule, sites: list[LinearSite], weight: torch.Tensor,
+                name: str | None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def finish(self, gm: fx.GraphModule) -> None:
+        """Clean-up after every weight is merged."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        deltas = self.deltas(gm)
+        branches = find_branches(gm)
+        remove(*branches)
+        merged = False
+        for weight_name, group in groups_by_weight(tagged_sites(gm)).items():
+            for path, sites, name in self.placements(gm, group, deltas):
+                delta = deltas.get((weight_name, path))
+                if delta is None:
+                    continue
+                self.install(gm, sites, sites[0].param_value().detach().float() + delta, name)
+                merged = True
+        self.finish(gm)
+        return PassResult(gm, merged or bool(branches))
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        check_no_lora(gm, self.name)
 
 
 @dataclass
-class MergeLoraPass(GraphPass):
-    """Merge the given adapters (name -> module path -> spec) into the base weights."""
+class MergeLoraPass(FoldLoraPass):
+    """Merge the given adapters (name -> module path -> spec) into float base weights.
+
+    The deltas come from each adapter's stored pair and its spec's scale, so adapters that are
+    not active merge too; a quantized base is dequantized into the merged float weight.
+    """
 
     adapters: Mapping[str, Mapping[str, LoraSpec]]
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        RemoveLoraPass().call(gm)
-        modified = False
-        for group in groups_by_weight(tagged_sites(gm)).values():
-            for path, sites, name in _by_module_path(gm, group):
-                deltas = [
-                    lora_delta(gm, adapter, path, specs[path])
+    def deltas(self, gm: fx.GraphModule) -> Deltas:
+        out: Deltas = {}
+        for weight_name, group in groups_by_weight(tagged_sites(gm)).items():
+            layout = group[0].spec.param_layout
+            for path in dict.fromkeys(s.module_path for s in group):
+                found = [
+                    lora_delta(get_tensor(gm, lora_param_name(adapter, path, "lora_A")),
+                               get_tensor(gm, lora_param_name(adapter, path, "lora_B")),
+                               specs[path].scale, layout)
                     for adapter, specs in self.adapters.items()
                     if path in specs
                 ]
-                if not deltas:
-                    continue
-                spec = sites[0].spec
-                base = sites[0].param_value().detach()
-                delta = sum(deltas)
-                delta = delta if spec.param_layout == "out_in" else delta.t()
-                merged = (base.float() + delta).to(getattr(torch, spec.weight_dtype))
-                replace_with_tensor(gm, sites, merged, suffix="merged", name=name)
-                for site in sites:  # the merged weight is float, off any quantization grid
-                    meta.drop(site.node, "weight_qtype", "weight_encoding")
-                modified = True
-        _drop_unread_graphlora_tensors(gm)
+                if found:
+                    out[(weight_name, path)] = sum(found)
+        return out
+
+    def install(self, gm: fx.GraphModule, sites: list[LinearSite], weight: torch.Tensor,
+                name: str | None) -> None:
+        merged = weight.to(getattr(torch, sites[0].spec.weight_dtype))
+        replace_with_tensor(gm, sites, merged, suffix="merged", name=name)
+        for site in sites:  # the merged weight is float, off any quantization grid
+            meta.drop(site.node, "weight_qtype", "weight_encoding")
+
+    def finish(self, gm: fx.GraphModule) -> None:
+        drop_unread_tensors(gm)  # quantized storage the merge made obsolete is not saved
         gm._modules.pop(ADAPTERS_ROOT, None)
-        return PassResult(gm, modified)
 
 
 def _by_module_path(gm: fx.GraphModule, group: list) -> list[tuple[str, list, str | None]]:
@@ -98,11 +145,3 @@ def _by_module_path(gm: fx.GraphModule, group: list) -> list[tuple[str, list, st
         else:
             out.append((path, sites, f"{alias(path)}__merged"))
     return out + last
-
-
-def _drop_unread_graphlora_tensors(gm: fx.GraphModule) -> None:
-    """Quantized storage a merge made obsolete is freed, not saved with the merged model."""
-    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_buffers()) + list(gm.named_parameters()):
-        if name.startswith("graphlora_") and not name.startswith(ADAPTERS_ROOT) and name not in read:
-            delete_tensor(gm, name)

@@ -28,6 +28,8 @@ import torch
 import torch.fx as fx
 
 from graphlora import meta
+from graphlora.branches import LoraBranch, branches_by_site
+from graphlora.errors import PassError
 from graphlora.graph_utils import (
     delete_tensor,
     ensure_container,
@@ -41,7 +43,7 @@ from graphlora.graph_utils import (
 from graphlora.passes.base import GraphPass, PassResult
 from graphlora.quant import Encoding, calibrate_weight, make_observer
 from graphlora.quant.ops import OPS
-from graphlora.sites import LinearSite, tagged_sites
+from graphlora.sites import tagged_sites
 
 Targets = Literal["all", "base", "lora"]
 OBSERVER_ROOT = "graphlora_observers"
@@ -61,19 +63,10 @@ class _Target:
     adapter: str | None
 
 
-def _branch_nodes(gm: fx.GraphModule, site: LinearSite) -> list[fx.Node]:
-    """The LoRA nodes of one site use (all active adapters), in graph order."""
-    key = site.spec.key
-    return [
-        n
-        for n in gm.graph.nodes
-        if meta.info(n).get("adapter") is not None and meta.info(n).get("site_key") == key
-    ]
-
-
-def _branch_input_consumers(site: LinearSite, branch: list[fx.Node]) -> list[fx.Node]:
-    x = site.input
-    return [n for n in branch if x in n.all_input_nodes and meta.role(n) != "lora_add"]
+def _branch_inputs(branches: list[LoraBranch]) -> list[fx.Node]:
+    """The nodes of a site's branches that read the site's input (read when asked: observing
+    the input rewires them)."""
+    return [n for br in branches for n in br.input_consumers()]
 
 
 def _is_quantized(node: fx.Node) -> bool:
@@ -116,42 +109,47 @@ class InsertObserversPass(GraphPass):
             for c in consumers:
                 c.replace_input_with(value, obs_node)
 
+        by_site = branches_by_site(gm)
         for site in tagged_sites(gm):
             rule = site.rule
             if rule is None:
                 continue
             key = site.spec.key
-            branch = _branch_nodes(gm, site)
+            branches = by_site.get(key, [])
             base_quantized = False
             if self.targets in ("all", "base") and rule.act_qtype:
                 consumers = [site.node]
                 if rule.lora_act_qtype:
-                    consumers += _branch_input_consumers(site, branch)
+                    consumers += _branch_inputs(branches)
                 observe(site.input, consumers, _Target(
                     f"{key}.input", rule.act_qtype, rule.act_symmetric, rule.act_calibration,
                     rule.act_percentile, site.module_path, None))
                 base_quantized = True
-            if self.targets in ("all", "lora") and rule.lora_act_qtype and branch:
+            if self.targets in ("all", "lora") and rule.lora_act_qtype and branches:
                 if not base_quantized and not _is_quantized(site.input):
-                    observe(site.input, _branch_input_consumers(site, branch), _Target(
+                    observe(site.input, _branch_inputs(branches), _Target(
                         f"{key}.lora_input", rule.lora_act_qtype, rule.act_symmetric,
                         rule.act_calibration, rule.act_percentile, site.module_path,
-                        meta.info(branch[0]).get("adapter")))
-                for node in branch:
-                    if meta.role(node) == "lora_scale":
-                        consumers = [u for u in node.users if meta.role(u) in ("lora_a", "lora_b")]
-                        which = "lora_A" if any(meta.role(u) == "lora_b" for u in consumers) else "lora_B"
-                        observe(node, consumers, _Target(
-                            f"{key}.{which}.output", rule.lora_act_qtype, rule.act_symmetric,
-                            rule.act_calibration, rule.act_percentile, site.module_path,
-                            meta.info(node).get("adapter")))
+                        branches[0].adapter))
+                for br in branches:
+                    if br.scale is None:
+                        continue
+                    consumers = [u for u in br.scale.users if meta.role(u) in ("lora_a", "lora_b")]
+                    which = "lora_A" if any(meta.role(u) == "lora_b" for u in consumers) else "lora_B"
+                    observe(br.scale, consumers, _Target(
+                        f"{key}.{which}.output", rule.lora_act_qtype, rule.act_symmetric,
+                        rule.act_calibration, rule.act_percentile, site.module_path, br.adapter))
         if not container._modules:
             gm._modules.pop(OBSERVER_ROOT, None)
         return PassResult(gm, bool(self.observers))
 
 
+def observer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if meta.role(n) == "observer"]
+
+
 def observer_modules(gm: fx.GraphModule) -> list[torch.nn.Module]:
-    return [gm.get_submodule(n.target) for n in gm.graph.nodes if meta.role(n) == "observer"]
+    return [gm.get_submodule(n.target) for n in observer_nodes(gm)]
 
 
 @dataclass
@@ -163,7 +161,7 @@ class FreezeObserversPass(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         mode = fake_mode(gm)
         self.encodings = {}
-        for node in [n for n in gm.graph.nodes if meta.role(n) == "observer"]:
+        for node in observer_nodes(gm):
             info = dict(meta.info(node))
             observer = gm.get_submodule(node.target)
             encoding = observer.compute_encoding(info["qtype"], info["symmetric"])
@@ -173,6 +171,11 @@ class FreezeObserversPass(GraphPass):
             self.encodings[info["tensor"]] = encoding
         gm._modules.pop(OBSERVER_ROOT, None)
         return PassResult(gm, bool(self.encodings))
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        left = observer_nodes(gm)
+        if left:
+            raise PassError(f"{self.name} left {len(left)} observer(s) (first: {left[0].name})")
 
 
 def _insert_fake_quant(gm, value: fx.Node, encoding: Encoding, info: dict, mode, *, after: fx.Node, root: str = ACT_ROOT, axis=None) -> fx.Node:

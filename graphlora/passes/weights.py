@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from graphlora import meta
 from graphlora.graph_utils import (
     delete_tensor,
     fake_mode,
@@ -31,15 +32,25 @@ def weight_readers(gm: fx.GraphModule, name: str) -> list[fx.Node]:
 
 
 def replace_with_tensor(
-    gm: fx.GraphModule, sites: list[LinearSite], value: torch.Tensor, *, suffix: str, name: str | None = None
+    gm: fx.GraphModule,
+    sites: list[LinearSite],
+    value: torch.Tensor,
+    *,
+    suffix: str | None = None,
+    name: str | None = None,
+    staging: str | None = None,
 ) -> str:
     """Make ``sites`` compute with float ``value`` (parameter layout); return its final name.
 
-    ``name`` stores ``value`` under exactly that name, never renamed to the parameter's own (for
-    sites that read a tied weight under another module path and get a value of their own).
+    ``value`` is stored under ``staging`` (default ``<param>__<suffix>``) and takes over the
+    parameter's name when nothing else reads the parameter any more. ``name`` stores it under
+    exactly that name, never renamed (for sites that read a tied weight under another module
+    path and get a value of their own).
     """
     original = sites[0].spec.weight_name
-    temp = name or f"{original}__{suffix}"
+    if name is None and staging is None and suffix is None:
+        raise ValueError("replace_with_tensor needs a suffix, a staging name or a name")
+    temp = name or staging or f"{original}__{suffix}"
     set_tensor(gm, temp, nn.Parameter(value.detach(), requires_grad=False), parameter=True)
     mode = fake_mode(gm)
     old = [s.weight_input for s in sites]
@@ -81,6 +92,29 @@ def _position(gm: fx.GraphModule, node: fx.Node) -> int:
         if n is node:
             return i
     raise ValueError(f"node {node.name} is not in the graph")
+
+
+def dequant_node(site: LinearSite) -> fx.Node | None:
+    """The ``dequant`` node a site's weight is computed from (through its transpose), if any."""
+    node = site.weight_input
+    for _ in range(3):
+        if meta.role(node) == "dequant":
+            return node
+        if node.op != "call_function" or not node.all_input_nodes:
+            return None
+        node = node.all_input_nodes[0]
+    return None
+
+
+def drop_unread_tensors(gm: fx.GraphModule) -> int:
+    """Free graphlora's own tensors (``graphlora_*``: quantized storage, adapters, encodings) that
+    no node reads any more, so they are not saved or exported; returns how many."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    unread = [name for name, _ in list(gm.named_parameters()) + list(gm.named_buffers())
+              if name.startswith("graphlora_") and name not in read]
+    for name in unread:
+        delete_tensor(gm, name)
+    return len(unread)
 
 
 def groups_by_weight(sites: list[LinearSite]) -> dict[str, list[LinearSite]]:
