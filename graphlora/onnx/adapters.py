@@ -103,22 +103,3 @@ def load_adapter(adapter):
     loaded.Load(os.fspath(path))
     return loaded
 
-
-def check_adapter(model_path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
-    """Raise an AdapterError when ``tensors`` do not fit the LoRA inputs of an exported model."""
-    import onnx
-
-    model = onnx.load(os.fspath(model_path), load_external_data=False)
-    inputs = {i.name: i for i in model.graph.input}
-    problems = []
-    for name, array in tensors.items():
-        spec = inputs.get(name)
-        if spec is None:
-            problems.append(f"{name}: not an input of the model")
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else None
-                for d in spec.type.tensor_type.shape.dim]
-        if len(dims) != array.ndim or any(d is not None and d != s for d, s in zip(dims, array.shape)):
-            problems.append(f"{name}: shape {tuple(array.shape)} does not fit {dims}")
-    if problems:
-        raise AdapterError(f"adapter does not fit {model_path}: " + "; ".join(problems[:5]))

@@ -29,7 +29,7 @@ from graphlora.passes.export_grid import store_on_grid
 from graphlora.passes.merge_lora import Deltas, FoldLoraPass
 from graphlora.passes.quantize_weights import install_encoding
 from graphlora.passes.weights import dequant_node, replace_with_tensor
-from graphlora.quant import Encoding, calibrate_weight
+from graphlora.quant import Encoding, calibrate_weight, data_free_method
 from graphlora.sites import LinearSite
 
 EXPORT_ROOT = "graphlora_export"
@@ -84,14 +84,12 @@ class MergeLoraForExportPass(ExportPass, FoldLoraPass):
 
 
 def _round_to_nearest(encoding: Encoding, method: str | None) -> str:
-    """The calibration method a merged weight is re-quantized with: the base's own when it is a
-    round-to-nearest method that fits the encoding's symmetry, else absmax (symmetric) or minmax
-    (asymmetric); non-integer qtypes always use absmax."""
+    """The calibration method a merged weight is re-quantized with: the registry's data-free
+    stand-in for the base's own method on the encoding's grid (no calibration data exists at
+    export); non-integer qtypes always use absmax."""
     if encoding.qtype.kind != "int":
         return "absmax"
-    if method == "mse" or (method in ("absmax", "minmax") and (method == "absmax") == encoding.symmetric):
-        return method
-    return "absmax" if encoding.symmetric else "minmax"
+    return data_free_method(method, encoding.symmetric)
 
 
 def _recomputed(encoding: Encoding, weight: torch.Tensor, method: str) -> Encoding:
