@@ -18,6 +18,16 @@ import torch.nn as nn
 from graphlora import meta
 
 
+#: graphlora's own attributes of a GraphModule (adapters, quantized storage, encodings, observers)
+#: all start with this, so what is the user's model and what is graphlora's is told by name.
+OWN_PREFIX = "graphlora_"
+
+
+def is_own(name: str) -> bool:
+    """Whether a qualified attribute name belongs to graphlora rather than to the user's model."""
+    return name.startswith(OWN_PREFIX)
+
+
 class Container(nn.Module):
     """An empty module used to build dotted attribute paths (``adapters.default.q_proj``)."""
 

@@ -1,16 +1,12 @@
-"""The one place node metadata conventions live.
+"""The one place metadata conventions live: every key graphlora stores on nodes and graphs.
 
 Every node a graphlora pass creates or recognises carries ``node.meta["graphlora"]``, a plain dict,
 so later passes, the graph diff and the ONNX lowering read *roles* rather than guessing from node
-names. Keys (all optional except ``role``):
+names. Its keys are :data:`FIELDS` (all optional except ``role``); :func:`tag` refuses any other,
+so a new key is added here, with what it means, or not at all.
 
-``role``        what the node is: ``base`` (a recognised linear site), ``lora_a``, ``lora_b``,
-                ``lora_dropout``, ``lora_scale``, ``lora_add``, ``weight`` (a weight read),
-                ``quant``, ``dequant``, ``fake_quant``, ``observer``
-``module_path`` the module path of the site the node belongs to
-``adapter``     the adapter name, for LoRA nodes
-``rule``        the rule (a frozen dataclass) that matched the site
-``site``        for ``base`` nodes: the normalised description of the linear site (see sites.py)
+Graph-level facts live in ``GraphModule.meta`` under the ``*_KEY`` constants below (written by
+the tracer, read by the model and the checkpoint layer).
 
 Edit metadata only through :func:`tag` and :func:`drop`: both replace the dict instead of
 changing it. fx copies ``node.meta`` shallowly, so a graph copy (a merged save, an export's
@@ -40,6 +36,38 @@ ROLES = (
 )
 
 
+#: Every key of ``node.meta["graphlora"]``, with what it holds.
+FIELDS: dict[str, str] = {
+    "role": "what the node is (one of ROLES)",
+    "module_path": "the module path of the site the node belongs to",
+    "adapter": "the adapter name, for nodes a LoRA branch owns",
+    "site_key": "the site use a branch node belongs to (SiteSpec.key: path, or path#n)",
+    "rule": "for base nodes: the rule (a frozen dataclass) that matched the site",
+    "rule_index": "for base nodes: that rule's index in the rule list",
+    "site": "for base nodes: the normalised SiteSpec of the linear site (see sites.py)",
+    "weight_qtype": "for base nodes: the qtype the base weight is stored in (packed storage)",
+    "weight_encoding": "for base nodes: the encoding a float weight sits on the grid of (QW-LoRA)",
+    "weight_method": "for base nodes: the calibration method that made weight_encoding",
+    "tensor": "the tensor a quantization node or weight read is about (parameter or activation name)",
+    "qtype": "for quantization nodes: the qtype",
+    "encoding": "for quantization nodes: the Encoding applied",
+    "block_size": "for dequant nodes: the encoding's block size",
+    "axis": "for dequant nodes: the encoding's channel axis",
+    "method": "for dequant nodes: the calibration method that made the encoding",
+    "symmetric": "for observers and fake-quant: whether the grid is symmetric",
+    "calibration": "for observers: the activation calibration method",
+    "percentile": "for observers: the percentile of percentile calibration",
+}
+
+#: ``GraphModule.meta`` keys.
+CALL_SPEC_KEY = "graphlora_call"  # trace.CallSpec: how a natural call maps onto the traced graph
+STATE_KEYS_KEY = "graphlora_state_keys"  # the original model's state-dict keys, in order
+TRACE_KEY = "graphlora_trace"  # {"method", "model_class"} of the trace
+DYNAMIC_KEY = "graphlora_dynamic"  # True when the trace kept its dynamic shapes
+#: ``node.meta`` key (outside the graphlora dict) of a block call in an FSDP split graph.
+BLOCK_KEY = "graphlora_block"
+
+
 def info(node: fx.Node) -> dict[str, Any]:
     """The graphlora metadata of a node ({} when it has none)."""
     return node.meta.get(META_KEY, {})
@@ -53,6 +81,9 @@ def tag(node: fx.Node, role: str, **fields: Any) -> fx.Node:
     """Set the graphlora metadata of ``node`` (merging with what it has) and return the node."""
     if role not in ROLES:
         raise ValueError(f"unknown graphlora role {role!r}; expected one of {ROLES}")
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown graphlora metadata key(s) {unknown}: add them to meta.FIELDS")
     data = dict(node.meta.get(META_KEY, {}))
     data["role"] = role
     data.update({k: v for k, v in fields.items() if v is not None})

@@ -16,10 +16,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from graphlora import meta
 from graphlora import adapters as adapter_store
 from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec, peft_name
 from graphlora.errors import AdapterError, InputError
-from graphlora.graph_utils import share_storage_copy
+from graphlora.graph_utils import is_own, share_storage_copy
 from graphlora.passes.base import PassPipeline, PassRecord
 from graphlora.passes.insert_lora import InsertLoraPass, RemoveLoraPass
 from graphlora.passes.merge_lora import MergeLoraPass
@@ -77,7 +78,7 @@ class LoraModel(nn.Module):
     # ------------------------------------------------------------------ running
 
     def forward(self, *args, **kwargs):
-        call = self.graph_module.meta.get("graphlora_call")
+        call = self.graph_module.meta.get(meta.CALL_SPEC_KEY)
         if call is not None:
             args, kwargs = call.normalize(args, kwargs)
         try:
@@ -122,7 +123,7 @@ class LoraModel(nn.Module):
     def sites(self) -> list[MatchedSite]:
         out = []
         for site in tagged_sites(self.graph_module):
-            info = site.node.meta["graphlora"]
+            info = meta.info(site.node)
             s = site.spec
             out.append(
                 MatchedSite(
@@ -245,7 +246,6 @@ class LoraModel(nn.Module):
     def _tag_unmatched_sites(self, specs: Mapping[str, LoraSpec]) -> None:
         import re
 
-        from graphlora import meta
         from graphlora.rules import LoraRule
         from graphlora.sites import find_linear_sites
 
@@ -359,7 +359,7 @@ class LoraModel(nn.Module):
         """
         found: dict[str, Any] = {}
         for node in self.graph_module.graph.nodes:
-            info = node.meta.get("graphlora", {})
+            info = meta.info(node)
             if info.get("role") in ("dequant", "fake_quant") and "encoding" in info:
                 found[info["tensor"]] = info["encoding"]
             elif info.get("role") == "base" and "weight_encoding" in info:
@@ -379,7 +379,7 @@ class LoraModel(nn.Module):
         quantized_params = sum(
             int(torch.Size(info["encoding"].shape).numel())
             for node in gm.graph.nodes
-            for info in [node.meta.get("graphlora", {})]
+            for info in [meta.info(node)]
             if info.get("role") == "dequant"
         )
         float_bytes = 0
@@ -415,13 +415,13 @@ class LoraModel(nn.Module):
         state = {
             k: v
             for k, v in gm.state_dict().items()
-            if not k.startswith("graphlora_")
+            if not is_own(k)
         }
         for site in tagged_sites(gm):
             name = site.spec.weight_name
             if name not in state:
                 state[name] = site.param_value().detach()
-        order = gm.meta.get("graphlora_state_keys")
+        order = gm.meta.get(meta.STATE_KEYS_KEY)
         if order:
             state = {k: state[k] for k in order if k in state} | {
                 k: v for k, v in state.items() if k not in set(order)

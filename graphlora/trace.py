@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from graphlora import meta
 from graphlora.errors import InputError, TraceError
 
 TraceMethod = Literal["export", "symbolic"]
@@ -57,7 +58,7 @@ def trace(
         gm = _trace_symbolic(model, example_args, example_kwargs)
     else:
         raise TraceError(f"unknown trace method {method!r}; use 'export' or 'symbolic'")
-    gm.meta["graphlora_trace"] = {
+    gm.meta[meta.TRACE_KEY] = {
         "method": method,
         "model_class": type(model).__module__ + "." + type(model).__qualname__,
     }
@@ -98,9 +99,9 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
         )
     gm = exported.module()
     _freeze_parameters(gm)
-    gm.meta["graphlora_state_keys"] = list(model.state_dict().keys())
-    gm.meta["graphlora_call"] = CallSpec.from_example(model, args, kwargs)
-    gm.meta["graphlora_dynamic"] = dynamic and len(errors) == 0
+    gm.meta[meta.STATE_KEYS_KEY] = list(model.state_dict().keys())
+    gm.meta[meta.CALL_SPEC_KEY] = CallSpec.from_example(model, args, kwargs)
+    gm.meta[meta.DYNAMIC_KEY] = dynamic and len(errors) == 0
     return gm
 
 
@@ -255,7 +256,7 @@ def _trace_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
         ) from exc
     gm.train(model.training)
     _freeze_parameters(gm)
-    gm.meta["graphlora_state_keys"] = list(model.state_dict().keys())
+    gm.meta[meta.STATE_KEYS_KEY] = list(model.state_dict().keys())
     from graphlora.sites import functionalize_linear_modules
 
     functionalize_linear_modules(gm)

@@ -16,6 +16,7 @@ from typing import Any
 
 from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec
 from graphlora.errors import AdapterError, GraphloraWarning, InputError
+from graphlora.graph_utils import is_own
 from graphlora.io.peft_config import most_common
 from graphlora.io.peft_format import LoraModule, lora_keys
 from graphlora.model import LoraModel
@@ -126,7 +127,7 @@ def _module_names(model: LoraModel) -> set[str]:
     return {
         name
         for name, _ in model.graph_module.named_modules()
-        if name and not name.startswith("graphlora_")
+        if name and not is_own(name)
     }
 
 

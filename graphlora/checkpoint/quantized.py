@@ -34,6 +34,7 @@ from graphlora import meta
 from graphlora.checkpoint.layout import ADAPTERS_SUBDIR
 from graphlora.checkpoint.loading import load_adapter
 from graphlora.errors import FileFormatError
+from graphlora.graph_utils import is_own
 from graphlora.io.peft_config import ADAPTER_CONFIG_NAME
 from graphlora.io.safetensors_io import load_state_dict
 from graphlora.model import LoraModel
@@ -60,7 +61,7 @@ def quantized_state(
     Float tensors keep their original keys; each quantized weight contributes its codes; the
     config holds the encodings and the ``rules`` the model was transformed with.
     """
-    tensors = {k: v for k, v in gm.state_dict().items() if not k.startswith("graphlora_")}
+    tensors = {k: v for k, v in gm.state_dict().items() if not is_own(k)}
     weights: dict[str, Any] = {}
     for node in gm.graph.nodes:
         info = meta.info(node)

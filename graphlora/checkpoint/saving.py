@@ -42,10 +42,12 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from graphlora import meta
 from graphlora.checkpoint.adapter_state import active_as, adapter_layout, adapter_payload
 from graphlora.checkpoint.layout import ADAPTERS_SUBDIR, CONFIG_NAME, is_weights_file
 from graphlora.checkpoint.quantized import QUANT_CONFIG_NAME, quantized_state, requantize_merged
 from graphlora.errors import GraphloraWarning, InputError
+from graphlora.graph_utils import is_own
 from graphlora.io.atomic import atomic_directory, atomic_write
 from graphlora.io.peft_config import ADAPTER_CONFIG_NAME
 from graphlora.io.peft_format import ADAPTER_FILES, LoraModule, write_adapter
@@ -218,9 +220,9 @@ def _add_dequantized_weights(gm: nn.Module, state: dict[str, torch.Tensor]) -> N
 def _original_keys(model: LoraModel, state: dict[str, torch.Tensor], *, what: str) -> dict[str, torch.Tensor]:
     """Restrict ``state`` to the original model's state-dict keys, in the original order, so the
     file loads into the original class (strict ``load_state_dict``, ``from_pretrained``)."""
-    order = model.graph_module.meta.get("graphlora_state_keys")
+    order = model.graph_module.meta.get(meta.STATE_KEYS_KEY)
     if not order:
-        return {k: v for k, v in state.items() if not k.startswith("graphlora_")}
+        return {k: v for k, v in state.items() if not is_own(k)}
     missing = [k for k in order if k not in state]
     if missing:
         warnings.warn(

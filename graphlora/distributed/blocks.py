@@ -11,6 +11,8 @@ import re
 
 from torch import fx, nn
 
+from graphlora import meta
+from graphlora.graph_utils import is_own
 from graphlora.model import LoraModel
 
 __all__ = ["find_transformer_blocks", "node_path"]
@@ -26,7 +28,7 @@ def find_transformer_blocks(model: LoraModel | fx.GraphModule, pattern: str | No
     ``fullmatch`` the module paths to take instead (e.g. ``r"model\\.layers\\.\\d+"``).
     """
     gm = model.graph_module if isinstance(model, LoraModel) else model
-    names = {name for name, _ in gm.named_modules() if name and not name.startswith("graphlora_")}
+    names = {name for name, _ in gm.named_modules() if name and not is_own(name)}
     if pattern is not None:
         rx = re.compile(pattern)
         chosen = [n for n in names if rx.fullmatch(n)]
@@ -47,7 +49,7 @@ def _indexed_children(gm: nn.Module) -> list[str]:
             return
         for k, child in children:
             path = f"{prefix}.{k}" if prefix else k
-            if child is not None and not path.startswith("graphlora_"):
+            if child is not None and not is_own(path):
                 visit(child, path)
 
     visit(gm, "")
@@ -83,5 +85,5 @@ def node_path(node: fx.Node) -> str | None:
         # export marks nodes outside every module with a placeholder entry
         if isinstance(path, str) and path and not path.startswith("_empty_nn_module_stack"):
             return path
-    info = node.meta.get("graphlora") or {}
+    info = meta.info(node)
     return info.get("module_path")

@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import fx
 
+from graphlora import meta
 from graphlora.adapters import ADAPTERS_ROOT
 from graphlora.distributed.blocks import node_path
 from graphlora.errors import DistributedError
@@ -194,7 +195,7 @@ def _root_graph(
                     "it, so it cannot run as one FSDP unit. Pass blocks=[...] with coarser blocks"
                 )
             call = root.call_module(block, tuple(env[n] for n in inputs))
-            call.meta["graphlora_block"] = block
+            call.meta[meta.BLOCK_KEY] = block
             for j, out in enumerate(outputs):
                 item = root.call_function(operator.getitem, (call, j))
                 if "val" in out.meta:

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from graphlora import meta
 from graphlora import batches as batch_feed
 from graphlora.collectives import is_initialized, sync_stats
 from graphlora.errors import CalibrationError, QuantizationError
@@ -69,8 +70,8 @@ class GPTQPass(GraphPass):
             if sites[0].rule is not None
             and sites[0].rule.weight_qtype
             and sites[0].rule.weight_calibration == self.method
-            and "weight_qtype" not in sites[0].node.meta["graphlora"]
-            and "weight_encoding" not in sites[0].node.meta["graphlora"]
+            and "weight_qtype" not in meta.info(sites[0].node)
+            and "weight_encoding" not in meta.info(sites[0].node)
         }
         if not groups:
             return PassResult(gm, False)

@@ -21,6 +21,7 @@ from graphlora.graph_utils import (
     fake_mode,
     get_tensor,
     insert_get_attr,
+    is_own,
     erase_unused_chain,
     set_tensor,
 )
@@ -111,7 +112,7 @@ def drop_unread_tensors(gm: fx.GraphModule) -> int:
     no node reads any more, so they are not saved or exported; returns how many."""
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     unread = [name for name, _ in list(gm.named_parameters()) + list(gm.named_buffers())
-              if name.startswith("graphlora_") and name not in read]
+              if is_own(name) and name not in read]
     for name in unread:
         delete_tensor(gm, name)
     return len(unread)
