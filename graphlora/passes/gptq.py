@@ -25,7 +25,13 @@ from graphlora.collectives import is_initialized, sync_stats
 from graphlora.errors import CalibrationError, QuantizationError
 from graphlora.graph_utils import ensure_container
 from graphlora.passes.base import GraphPass, PassResult
-from graphlora.passes.quantize_weights import Storage, install_encoding, weight_axis
+from graphlora.passes.quantize_weights import (
+    Storage,
+    check_quantized,
+    default_scale_dtype,
+    install_encoding,
+    weight_axis,
+)
 from graphlora.passes.weights import groups_by_weight
 from graphlora.quant import HessianAccumulator, gptq_quantize
 from graphlora.sites import LinearSite, tagged_sites
@@ -103,6 +109,9 @@ class GPTQPass(GraphPass):
             bar.close()
         return PassResult(gm, True)
 
+    def ensures(self, gm: fx.GraphModule) -> None:
+        check_quantized(gm, self.quantized, self.storage, self.name)
+
     def _collect(self, gm: fx.GraphModule, wave: dict[str, list[LinearSite]], data: list) -> dict[str, HessianAccumulator]:
         """Run the data once with capture modules on the wave's inputs; one Hessian per weight."""
         by_input: dict[fx.Node, HessianAccumulator] = {}
@@ -150,8 +159,6 @@ class GPTQPass(GraphPass):
         rule = sites[0].rule
         name = sites[0].spec.weight_name
         weight = sites[0].param_value().detach()
-        from graphlora.passes.quantize_weights import default_scale_dtype
-
         result = gptq_quantize(
             weight,
             acc.hessian(),

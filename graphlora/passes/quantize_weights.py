@@ -24,10 +24,10 @@ import torch
 import torch.fx as fx
 
 from graphlora import meta
-from graphlora.errors import QuantizationError
+from graphlora.errors import PassError, QuantizationError
 from graphlora.graph_utils import fake_mode, insert_call, insert_get_attr, set_tensor
 from graphlora.passes.base import GraphPass, PassResult
-from graphlora.passes.weights import groups_by_weight, replace_with_node, replace_with_tensor
+from graphlora.passes.weights import dequant_node, groups_by_weight, replace_with_node, replace_with_tensor
 from graphlora.quant import Encoding, calibrate_weight, get_qtype
 from graphlora.rules import QuantRule
 from graphlora.sites import LinearSite, tagged_sites
@@ -180,6 +180,25 @@ class QuantizeWeightsPass(GraphPass):
                 + (f" (matched weights include {', '.join(known[:3])})" if known else "")
             )
         return PassResult(gm, bool(self.quantized))
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        check_quantized(gm, self.quantized, self.storage, self.name)
+
+
+def check_quantized(gm: fx.GraphModule, names: list[str], storage: Storage, pass_name: str) -> None:
+    """Every site of each weight in ``names`` computes with its quantization: packed storage
+    through a dequantize node, float storage with the encoding recorded on the site."""
+    wanted = set(names)
+    wrong = []
+    for site in tagged_sites(gm):
+        if site.spec.weight_name not in wanted:
+            continue
+        ok = dequant_node(site) is not None if storage == "packed" else "weight_encoding" in meta.info(site.node)
+        if not ok:
+            wrong.append(site.spec.key)
+    if wrong:
+        raise PassError(f"{pass_name}: quantized weights not read through their quantization at "
+                        f"{', '.join(wrong[:5])}")
 
 
 def _already_quantized(sites: list[LinearSite]) -> bool:
