@@ -32,7 +32,7 @@ from graphlora.sites import Layout, LinearSite, tagged_sites
 
 aten = torch.ops.aten
 
-LORA_ROLES = frozenset({"lora_a", "lora_b", "lora_dropout", "lora_scale", "lora_add"})
+LORA_ROLES = frozenset({"lora_a", "lora_b", "lora_dropout", "lora_scale", "lora_add", "lora_gate"})
 QUANTIZER_ROLES = frozenset({"fake_quant", "observer"})
 
 

@@ -241,3 +241,27 @@ def remove_dead_nodes(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(node)
         removed += 1
     return removed
+
+
+def add_keyword_input(gm: fx.GraphModule, name: str, val: Any = None) -> fx.Node:
+    """Give a traced GraphModule (``torch.export``'s pytree calling convention) one more keyword
+    input ``name``, after its others; ``val`` is the new placeholder's fake value. Returns the
+    placeholder. Used for inputs graphlora adds to a graph, such as the row gates of a
+    mixed-adapter batch."""
+    import torch.utils._pytree as pytree
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+    codegen = gm.graph._codegen
+    if not isinstance(codegen, _PyTreeCodeGen):
+        raise ValueError("add_keyword_input needs a graph traced by torch.export")
+    info = codegen.pytree_info
+    args, kwargs = pytree.tree_unflatten([0] * info.in_spec.num_leaves, info.in_spec)
+    spec = pytree.tree_structure((args, {**kwargs, name: 0}))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    with gm.graph.inserting_after(placeholders[-1]):
+        node = gm.graph.placeholder(name)
+    if val is not None:
+        node.meta["val"] = val
+    codegen.pytree_info = _PyTreeInfo([*info.orig_args, name], spec, info.out_spec)
+    gm.recompile()
+    return node

@@ -28,6 +28,7 @@ ROLES = (
     "lora_dropout",
     "lora_scale",
     "lora_add",
+    "lora_gate",
     "weight",
     "quant",
     "dequant",
@@ -60,7 +61,9 @@ FIELDS: dict[str, str] = {
 }
 
 #: ``GraphModule.meta`` keys.
-CALL_SPEC_KEY = "graphlora_call"  # trace.CallSpec: how a natural call maps onto the traced graph
+CALL_FORM_KEY = "graphlora_call_form"  # signature.CallForm: which arguments go positionally, which by name
+CALL_KEY = "graphlora_call_key"  # signature.call_key of the call the graph was traced for
+RANGES_KEY = "graphlora_ranges"  # {symbol: (low, high)} of the graph's symbolic input sizes
 STATE_KEYS_KEY = "graphlora_state_keys"  # the original model's state-dict keys, in order
 TRACE_KEY = "graphlora_trace"  # {"method", "model_class"} of the trace
 DYNAMIC_KEY = "graphlora_dynamic"  # True when the trace kept its dynamic shapes

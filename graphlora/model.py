@@ -9,8 +9,7 @@ adapters removes and re-inserts branches (a pair of graph passes), so what runs 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -19,37 +18,29 @@ import torch.nn as nn
 from graphlora import meta
 from graphlora import adapters as adapter_store
 from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec, peft_name
+from graphlora.call_graphs import CallGraph, CallGraphs, signed_class
 from graphlora.errors import AdapterError, InputError
-from graphlora.graph_utils import is_own, share_storage_copy
+from graphlora.graph_utils import share_storage_copy
+from graphlora.hf_compat import HuggingFaceSurface
+from graphlora.model_contents import MatchedSite, ModelContents
 from graphlora.passes.base import PassPipeline, PassRecord
 from graphlora.passes.insert_lora import InsertLoraPass, RemoveLoraPass
 from graphlora.passes.merge_lora import MergeLoraPass
 from graphlora.rules import QuantRule
-
-if TYPE_CHECKING:
-    from graphlora.quant import Encoding
 from graphlora.sites import tagged_sites
 from graphlora.training_mode import set_module_flags, set_training_flags
 
-
-@dataclass(frozen=True)
-class MatchedSite:
-    """A linear site a rule matched: where it is, its shape, and the rule that won."""
-
-    module_path: str
-    kind: str
-    in_features: int
-    out_features: int
-    weight_name: str
-    use_index: int
-    rule_index: int
-    rule: QuantRule
-    fan_in_fan_out: bool  # the parameter is stored (in, out), like transformers' Conv1D
-    weight_qtype: str | None = None  # how the base weight is stored now (None: float)
+__all__ = ["LoraModel", "MatchedSite", "model_class"]
 
 
-class LoraModel(nn.Module):
-    """A traced model with LoRA branches (and quantization) inserted by graph passes."""
+class LoraModel(ModelContents, HuggingFaceSurface, nn.Module):
+    """A traced model with LoRA branches (and quantization) inserted by graph passes.
+
+    It is called like the original model, every way the original can be called: ``forward`` has
+    the original's signature, and each call structure gets a graph of its own
+    (:mod:`graphlora.call_graphs`), all sharing one set of tensors. ``adapter_names=[...]`` (one
+    adapter name per batch row, ``"__base__"`` for none) runs a mixed-adapter batch, as in PEFT.
+    """
 
     def __init__(
         self,
@@ -61,8 +52,10 @@ class LoraModel(nn.Module):
         source: Mapping[str, Any] | None = None,
         pass_log: list[PassRecord] | None = None,
         training: bool = False,
+        template: nn.Module | None = None,
+        traces: Sequence[fx.GraphModule] = (),
     ):
-        super().__init__()
+        nn.Module.__init__(self)  # not a PreTrainedModel base's (see call_graphs.signed_class)
         self.graph_module = graph_module
         self.rules = tuple(rules)
         self._adapters: dict[str, dict[str, LoraSpec]] = {k: dict(v) for k, v in adapters.items()}
@@ -73,74 +66,84 @@ class LoraModel(nn.Module):
         # run the execution-fused copy of the graph (see _executable); False runs the canonical
         # graph op for op, e.g. to compare with another library without summation-order noise
         self.fused_execution = True
+        # not submodules: the structure-only copy holds no weights, the graphs share this one's
+        self.__dict__["_template"] = template
+        self.__dict__["_calls"] = CallGraphs(self, template, traces)
         self.train(training)
 
     # ------------------------------------------------------------------ running
 
     def forward(self, *args, **kwargs):
-        call = self.graph_module.meta.get(meta.CALL_SPEC_KEY)
-        if call is not None:
-            args, kwargs = call.normalize(args, kwargs)
+        """Run the graph serving this call (made on the first call of its structure)."""
+        entry, args, kwargs = self._calls.dispatch(args, kwargs)
         try:
-            return self._executable()(*args, **kwargs)
+            return self._executable(entry)(*args, **kwargs)
         except Exception as exc:
             explained = _explain_input_error(exc)
             if explained is exc:
                 raise
             raise explained from exc
 
-    def _executable(self) -> fx.GraphModule:
-        """The module forward runs: the canonical graph, or its execution-fused copy.
+    @property
+    def call_graphs(self) -> list[CallGraph]:
+        """Every graph this model made so far, one per call structure; the canonical graph (the
+        one ``transform`` traced, :attr:`graph_module`) first. Each has its ``pass_log``."""
+        return self._calls.graphs
+
+    def graph_for(self, *args: Any, **kwargs: Any) -> fx.GraphModule:
+        """The (canonical, unfused) graph serving ``model(*args, **kwargs)``, made if missing."""
+        return self._calls.graph_for(args, kwargs)
+
+    def _executable(self, entry: CallGraph | None = None) -> fx.GraphModule:
+        """The module a graph runs as: the graph itself, or its execution-fused copy.
 
         With ``fused_execution`` (the default) a linear site and its LoRA branch run as one
         ``graphlora::lora_linear`` op with a low-rank backward (:mod:`graphlora.passes.fuse_lora`),
         and linear ops that read the same input — query, key and value — as one GEMM
         (:mod:`graphlora.passes.fuse_siblings`). The result equals the canonical graph's up to
-        float summation order. The fused copy shares every tensor and submodule
-        with :attr:`graph_module` and is rebuilt whenever that graph is recompiled, so the
-        canonical graph stays what passes, ``graph_text``, saving and export see.
+        float summation order. The fused copy shares every tensor and submodule with the graph
+        and is rebuilt whenever that graph is recompiled, so the graph stays what passes,
+        ``graph_text``, saving and export see. With activation checkpointing enabled
+        (:meth:`activation_checkpointing_enable`) a training forward runs block by block,
+        each block recomputed in backward.
         """
-        gm = self.graph_module
-        if not self.fused_execution or "forward" in gm.__dict__:  # e.g. FSDP's block-wise forward
+        entry = entry or self._calls.canonical
+        gm = entry.graph_module if entry.graph_module is not None else self.graph_module
+        if "forward" in gm.__dict__:  # e.g. FSDP's block-wise forward
             return gm
-        cache = self.__dict__.get("_fused")
-        if cache is None or cache[0] is not gm._code:
+        exe = gm
+        if self.fused_execution:
             from graphlora.passes.fuse_siblings import fused_copy
 
-            cache = (gm._code, fused_copy(gm))
-            self.__dict__["_fused"] = cache  # not a submodule: no duplicate state-dict entries
-        return cache[1]
+            exe = entry.executable(gm, "fused", fused_copy)
+        policy = self._checkpointing
+        if policy is not None and self.training and torch.is_grad_enabled():
+            exe = entry.executable(exe, ("checkpointed", id(policy)), policy.wrap)
+        return exe
 
     def train(self, mode: bool = True) -> "LoraModel":
-        """Switch dropout (base and LoRA) in the graph; exported graphs refuse ``train()``."""
+        """Switch dropout (base and LoRA) in the graphs; exported graphs refuse ``train()``."""
         set_module_flags(self, mode)
+        before = self.graph_module._code
         set_training_flags(self.graph_module, mode)
+        calls = self.__dict__.get("_calls")
+        if calls is not None:
+            calls.training_changed(before, mode)
         return self
 
-    # ------------------------------------------------------------------ sites and parameters
+    def _apply(self, fn, recurse: bool = True):
+        """Device and dtype moves replace buffers: graphs bound to the old ones are made again."""
+        result = super()._apply(fn, recurse)
+        calls = self.__dict__.get("_calls")
+        if calls is not None:
+            calls.clear()
+        return result
 
-    @property
-    def sites(self) -> list[MatchedSite]:
-        out = []
-        for site in tagged_sites(self.graph_module):
-            info = meta.info(site.node)
-            s = site.spec
-            out.append(
-                MatchedSite(
-                    module_path=s.module_path,
-                    kind=s.kind,
-                    in_features=s.in_features,
-                    out_features=s.out_features,
-                    weight_name=s.weight_name,
-                    use_index=s.use_index,
-                    rule_index=info["rule_index"],
-                    rule=info["rule"],
-                    fan_in_fan_out=s.param_layout == "in_out",
-                    weight_qtype=info.get("weight_qtype")
-                    or (info["weight_encoding"].qtype.name if "weight_encoding" in info else None),
-                )
-            )
-        return out
+    def __reduce_ex__(self, protocol):
+        # a LoraModel's class is made for its original model (signed_class): rebuild it from that
+        return (_new_model, (self.__dict__.get("_template"),), self.__dict__)
+
+    # ------------------------------------------------------------------ sites and parameters
 
     def named_lora_parameters(self, adapter: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
         """``(<module_path>.lora_A.weight, parameter)`` pairs, PEFT's names, of one adapter."""
@@ -182,27 +185,6 @@ class LoraModel(nn.Module):
             for k, v in given.items():
                 if k in own:
                     own[k].copy_(v.to(dtype=own[k].dtype, device=own[k].device))
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts; a quantized weight counts its original elements."""
-        trainable = 0
-        total = 0
-        seen: set[int] = set()
-        for _, p in self.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            total += p.numel()
-            if p.requires_grad:
-                trainable += p.numel()
-        # quantized base weights are buffers now: count the parameters they encode
-        total += int(self.memory_report()["quantized_params"])
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        pct = 100 * trainable / total if total else 0.0
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
 
     # ------------------------------------------------------------------ adapters
 
@@ -348,108 +330,41 @@ class LoraModel(nn.Module):
         self.pass_log.extend(pipeline.log)
         return pipeline.log
 
-    # ------------------------------------------------------------------ quantization
-
-    def encodings(self) -> dict[str, "Encoding"]:
-        """Every quantization encoding in the model, by tensor name.
-
-        Base weights by parameter name (``encoder.layer.0.attention.self.query.weight``),
-        activations as ``<site>.input`` / ``<site>.lora_A.output``, LoRA weights as
-        ``<site>.lora_A.weight``.
-        """
-        found: dict[str, Any] = {}
-        for node in self.graph_module.graph.nodes:
-            info = meta.info(node)
-            if info.get("role") in ("dequant", "fake_quant") and "encoding" in info:
-                found[info["tensor"]] = info["encoding"]
-            elif info.get("role") == "base" and "weight_encoding" in info:
-                found[info["site"].weight_name] = info["weight_encoding"]
-        return found
-
-    def memory_report(self) -> dict[str, float]:
-        """Bytes held by the base weights (quantized and float) and by LoRA, and bits per
-        quantized parameter (codes plus scales and zero points)."""
-        gm = self.graph_module
-        lora_ids = {id(p) for a in self._adapters for p in self.lora_parameters(a)}
-        quant_bytes = sum(
-            b.numel() * b.element_size()
-            for n, b in gm.named_buffers()
-            if n.startswith("graphlora_quant.weight.")
-        )
-        quantized_params = sum(
-            int(torch.Size(info["encoding"].shape).numel())
-            for node in gm.graph.nodes
-            for info in [meta.info(node)]
-            if info.get("role") == "dequant"
-        )
-        float_bytes = 0
-        lora_bytes = 0
-        seen: set[int] = set()
-        for _, p in gm.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            nbytes = p.numel() * p.element_size()
-            if id(p) in lora_ids:
-                lora_bytes += nbytes
-            else:
-                float_bytes += nbytes
-        return {
-            "base_bytes": float(float_bytes + quant_bytes),
-            "float_base_bytes": float(float_bytes),
-            "quantized_weight_bytes": float(quant_bytes),
-            "quantized_params": float(quantized_params),
-            "bits_per_quantized_param": (8.0 * quant_bytes / quantized_params) if quantized_params else 0.0,
-            "lora_bytes": float(lora_bytes),
-        }
-
-    # ------------------------------------------------------------------ base weights
-
-    def base_state_dict(self) -> dict[str, torch.Tensor]:
-        """The base model's tensors under the original model's state-dict keys.
-
-        Weights a quantization pass replaced are evaluated through their dequantize nodes, so
-        the result has the float weights the base computes with (on the quantization grid).
-        """
-        gm = self.graph_module
-        state = {
-            k: v
-            for k, v in gm.state_dict().items()
-            if not is_own(k)
-        }
-        for site in tagged_sites(gm):
-            name = site.spec.weight_name
-            if name not in state:
-                state[name] = site.param_value().detach()
-        order = gm.meta.get(meta.STATE_KEYS_KEY)
-        if order:
-            state = {k: state[k] for k in order if k in state} | {
-                k: v for k, v in state.items() if k not in set(order)
-            }
-        return state
-
     # ------------------------------------------------------------------ saving
 
     def save_pretrained(
         self,
         save_directory,
         *,
-        only_save_adapters: bool = False,
+        only_save_adapters: bool | None = None,
         save_adapters_separately: bool = True,
         max_shard_size: int | str = "5GB",
         adapter_name: str | None = None,
         selected_adapters: Sequence[str] | None = None,
         keep_quantized: bool = False,
         overwrite: bool = True,
+        **transformers_options: Any,
     ):
         """Save in the formats people already load (see :mod:`graphlora.checkpoint.saving`).
 
         ``only_save_adapters=True``: a PEFT adapter directory. Otherwise with
         ``save_adapters_separately=True``: base weights (``model.safetensors``, original keys) plus
         the adapter files; with ``save_adapters_separately=False``: one merged model.
+
+        Called the way transformers calls a model's ``save_pretrained`` (the Trainer's
+        ``save_model`` and checkpoints pass ``is_main_process=`` and ``state_dict=``), it saves what
+        ``PeftModel.save_pretrained`` saves: the PEFT adapter directory (training changed only the
+        adapter), from this model's own LoRA weights; ``is_main_process=False`` saves nothing.
         """
         from graphlora.checkpoint import save_pretrained
 
+        unknown = sorted(set(transformers_options) - _TRANSFORMERS_SAVE_OPTIONS)
+        if unknown:
+            raise InputError(f"save_pretrained() got unexpected keyword argument(s) {', '.join(unknown)}")
+        if not transformers_options.get("is_main_process", True):
+            return None
+        if only_save_adapters is None:
+            only_save_adapters = bool(transformers_options)
         return save_pretrained(
             self,
             save_directory,
@@ -529,10 +444,33 @@ def _explain_input_error(exc: Exception) -> Exception:
         m in text for m in markers
     ):
         return InputError(
-            "the inputs do not fit the traced graph "
-            f"({text.splitlines()[0] if text else type(exc).__name__}). The graph was traced with "
-            "the example inputs given to transform(): call it with the same arguments (names and "
-            "structure), and shapes within the traced dynamic ranges (dimensions of size 0/1 in "
-            "the example are specialised; trace with sizes >= 2)."
+            "the inputs do not fit the graph serving this call "
+            f"({text.splitlines()[0] if text else type(exc).__name__})"
         )
     return exc
+
+
+#: Keywords transformers passes to a model's save_pretrained (Trainer, push_to_hub): accepted, and
+#: they select PEFT's layout; the weights always come from this model, in safetensors.
+_TRANSFORMERS_SAVE_OPTIONS = frozenset(
+    {"is_main_process", "state_dict", "safe_serialization", "save_function", "push_to_hub", "token",
+     "variant", "save_peft_format"}
+)
+
+_SIGNED: dict[type, type] = {}
+
+
+def model_class(template: nn.Module | None) -> type[LoraModel]:
+    """The LoraModel class for a model made from ``template`` (its structure-only copy): one
+    subclass per original model class, its ``forward`` signed like the original's (see
+    :func:`graphlora.call_graphs.signed_class`); plain :class:`LoraModel` without one."""
+    if template is None:
+        return LoraModel
+    key = type(template)
+    if key not in _SIGNED:
+        _SIGNED[key] = signed_class(LoraModel, template)
+    return _SIGNED[key]
+
+
+def _new_model(template: nn.Module | None) -> "LoraModel":
+    return nn.Module.__new__(model_class(template))

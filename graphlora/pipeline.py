@@ -9,14 +9,14 @@ import torch.nn as nn
 
 from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec
 from graphlora.errors import TraceError
-from graphlora.model import LoraModel
+from graphlora.model import LoraModel, model_class
 from graphlora.passes.base import GraphPass, PassPipeline
 from graphlora.passes.insert_lora import InsertLoraPass
 from graphlora.passes import quant_passes
 from graphlora.passes.match_rules import MatchRulesPass
 from graphlora.rules import LoraRule, QuantRule, normalize_rules
 from graphlora.sites import tagged_sites
-from graphlora.trace import TraceMethod, trace
+from graphlora.trace import TraceMethod, structure_copy, trace
 
 
 def lora_specs_from_rules(gm: fx.GraphModule) -> dict[str, LoraSpec]:
@@ -100,7 +100,8 @@ def transform(
     rules = normalize_rules(rules)
     if not isinstance(model, nn.Module):
         raise TraceError(f"transform() needs a torch.nn.Module, got {type(model).__name__}")
-    gm = trace(model, example_args, example_kwargs, method=method)
+    spares: list[fx.GraphModule] = []  # traces of the example's call for other sizes
+    gm = trace(model, example_args, example_kwargs, method=method, spares=spares)
     passes = build_passes(
         rules,
         strict=strict,
@@ -115,7 +116,8 @@ def transform(
     specs = lora_specs_from_rules(gm)
     for p in gm.parameters():
         p.requires_grad_(False)
-    lora_model = LoraModel(
+    template = structure_copy(model) if method == "export" else None
+    lora_model = model_class(template)(
         gm,
         rules=rules,
         adapters={adapter_name: specs} if specs else {},
@@ -123,6 +125,8 @@ def transform(
         source=_source_info(model, method),
         pass_log=pipeline.log,
         training=model.training,
+        template=template,
+        traces=spares,
     )
     for p in lora_model.lora_parameters() if specs else ():
         p.requires_grad_(True)

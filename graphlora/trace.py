@@ -10,7 +10,12 @@ Two properties every caller relies on:
   share storage with the original (no copy, so an 8B model does not double in memory), frozen.
   Passes replace tensors, they never write into them in place.
 * Batch and sequence dimensions stay dynamic by default, so a model traced with a 2 x 8 example
-  runs on any batch the user trains with.
+  runs on any batch the user trains with. Sizes 0 and 1 in the example are not specialised
+  either (see :func:`export_call`), unless the model branches on them.
+
+A graph fixes its call's structure (which arguments, non-tensor values); :func:`structure_copy`
+and :func:`trace_structure` trace another call of the same model later, from a copy that holds no
+weights (see :mod:`graphlora.call_graphs`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch.nn as nn
 
 from graphlora import meta
 from graphlora.errors import InputError, TraceError
+from graphlora.signature import CallForm, ForwardSignature, call_key, example_inputs, guard_failure
 
 TraceMethod = Literal["export", "symbolic"]
 
@@ -38,6 +44,7 @@ def trace(
     *,
     method: TraceMethod = "export",
     dynamic: bool = True,
+    spares: list[fx.GraphModule] | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule with frozen parameters sharing the model's storage.
 
@@ -46,6 +53,11 @@ def trace(
     modules are rewritten to ``F.linear`` calls so every pass sees one spelling of a module call.
     With ``dynamic=True`` every tensor dimension of the example inputs is traced as dynamic where
     the model allows it; a model that refuses is traced with static shapes and a warning.
+    Arguments are bound to ``forward`` by name (see :class:`graphlora.signature.ForwardSignature`:
+    ``use_cache`` is ``False`` unless the example says otherwise). ``spares``, when given,
+    collects traces of the same call made along the way that serve other sizes (a model that
+    branches on a size of 1 needs one graph for it and one for the rest), their tensors on the
+    meta device.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() needs a torch.nn.Module, got {type(model).__name__}")
@@ -53,7 +65,7 @@ def trace(
         example_args = (example_args,)
     example_kwargs = dict(example_kwargs or {})
     if method == "export":
-        gm = _trace_export(model, example_args, example_kwargs, dynamic)
+        gm = _trace_export(model, example_args, example_kwargs, dynamic, spares)
     elif method == "symbolic":
         gm = _trace_symbolic(model, example_args, example_kwargs)
     else:
@@ -68,54 +80,264 @@ def trace(
 # --------------------------------------------------------------------------- torch.export
 
 
-def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool,
+                  spares: list[fx.GraphModule] | None = None) -> fx.GraphModule:
     if not args and not kwargs:
         raise TraceError(
             f"tracing {type(model).__name__} with torch.export needs example inputs: pass "
             "example_args=(...) or example_kwargs={...}, or use method='symbolic'"
         )
-    _check_inputs_fit_signature(model, args, kwargs)
-    exported = None
-    errors: list[str] = []
+    signature = ForwardSignature.of(model)
+    if signature.binds:
+        bound = signature.bind(args, kwargs, what="the example inputs")
+        given = signature.bind(args, kwargs, what="the example inputs", defaults=False)
+        form = signature.form(bound, positional_count=len(args), given=given, keyword_order=list(kwargs))
+    else:  # *args forwards: trace the example as it is given
+        bound = {f"*{i}": a for i, a in enumerate(args)} | dict(kwargs)
+        form = CallForm(tuple(f"*{i}" for i in range(len(args))), tuple(kwargs))
     with _eval_mode(model):
-        attempts = [True, False] if dynamic else [False]
-        for use_dynamic in attempts:
-            shapes = auto_dynamic_shapes(model.forward, args, kwargs) if use_dynamic else None
-            try:
-                exported = torch.export.export(
-                    model, args, kwargs, dynamic_shapes=shapes, strict=False
-                )
-                break
-            except Exception as exc:  # torch raises many unrelated types here
-                errors.append(f"{type(exc).__name__}: {_first_line(exc)}")
-                if not use_dynamic:
-                    _raise_if_inputs_do_not_fit(model, args, kwargs)
-                    raise TraceError(_export_failure_message(model, errors)) from exc
-    if dynamic and len(errors) == 1:
-        warnings.warn(
-            f"{type(model).__name__} could not be traced with dynamic shapes ({errors[0]}); "
-            "traced with static shapes, so inputs must have the example's shapes",
-            stacklevel=3,
-        )
-    gm = exported.module()
-    _freeze_parameters(gm)
+        gm = export_call(model, bound, form, dynamic=dynamic, check_eagerly=True, spares=spares)
     gm.meta[meta.STATE_KEYS_KEY] = list(model.state_dict().keys())
-    gm.meta[meta.CALL_SPEC_KEY] = CallSpec.from_example(model, args, kwargs)
-    gm.meta[meta.DYNAMIC_KEY] = dynamic and len(errors) == 0
     return gm
 
 
-def _check_inputs_fit_signature(model: nn.Module, args: tuple, kwargs: dict) -> None:
+def export_call(
+    model: nn.Module,
+    bound: dict[str, Any],
+    form: CallForm,
+    *,
+    dynamic: bool = True,
+    factory=None,
+    check_eagerly: bool = False,
+    spares: list[fx.GraphModule] | None = None,
+) -> fx.GraphModule:
+    """Export ``model`` for the call ``bound`` (called as ``form`` arranges it).
+
+    The example is a stand-in for the call (:func:`graphlora.signature.example_inputs`): sizes 0
+    and 1 are replaced so that they stay symbolic, and sizes are traced "size-oblivious" (a
+    symbolic size may be 0 or 1 at run time unless the model branches on it). When the graph
+    does not accept the call itself (the model needs a size to be 1), the call's exact sizes are
+    traced instead; when dynamic sizes cannot be traced at all, static ones with a warning.
+    ``check_eagerly``: on failure, run ``model`` on the call to tell bad inputs from a tracer
+    problem (only for a model with real tensors). ``spares`` collects the dynamic traces that
+    did not accept the call: they serve its structure at other sizes (tensors moved to meta).
+    """
+    remaps = any(int(n) <= 1 for t in _tensors_of(bound) for n in t.shape)
+    plans = [(True, True)] + ([(False, True)] if remaps else []) + [(False, False)] if dynamic else [(False, False)]
+    errors: list[str] = []
+    export_errors: list[str] = []
+    actual_args, actual_kwargs = form.arrange(bound)
+    for remap, use_dynamic in plans:
+        args, kwargs = form.arrange(example_inputs(bound, remap=remap, factory=factory))
+        try:
+            with _traced_forward(model, form), _size_oblivious():
+                shapes = auto_dynamic_shapes(model.forward, args, kwargs) if use_dynamic else None
+                exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+        except Exception as exc:  # torch raises many unrelated types here
+            export_errors.append(f"{type(exc).__name__}: {_first_line(exc)}")
+            errors.append(export_errors[-1])
+            if not use_dynamic:
+                if check_eagerly:
+                    _raise_if_inputs_do_not_fit(model, actual_args, actual_kwargs)
+                raise TraceError(_export_failure_message(model, export_errors)) from exc
+            continue
+        gm = exported.module()
+        gm.meta[meta.RANGES_KEY] = _ranges(exported)
+        problem = guard_failure(gm, actual_args, actual_kwargs)
+        if problem is not None:
+            errors.append(f"the graph traced does not accept the call: {problem}")
+            if use_dynamic:
+                if spares is not None:
+                    spares.append(_spare(gm, form, bound))
+                continue
+            raise TraceError(f"torch.export traced {type(model).__name__}, but the graph does not "
+                             f"accept the example it was traced with: {problem}")
+        if dynamic and not use_dynamic:
+            warnings.warn(
+                f"{type(model).__name__} could not be traced with dynamic shapes ({export_errors[0]}); "
+                "traced with static shapes, so inputs must have the example's shapes",
+                stacklevel=4,
+            )
+        _freeze_parameters(gm)
+        gm.meta[meta.CALL_FORM_KEY] = form
+        gm.meta[meta.CALL_KEY] = call_key(bound)
+        gm.meta[meta.DYNAMIC_KEY] = use_dynamic
+        return gm
+    raise TraceError(_export_failure_message(model, errors))  # pragma: no cover - the static plan ends the loop
+
+
+def _spare(gm: fx.GraphModule, form: CallForm, bound: dict[str, Any]) -> fx.GraphModule:
+    """A trace kept for other sizes: its real tensors replaced by meta ones (bound before use)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    for module in gm.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in list(table.items()):
+                if t is not None and not is_fake(t):
+                    meta_t = torch.empty_like(t, device="meta")
+                    table[name] = nn.Parameter(meta_t, requires_grad=False) if isinstance(t, nn.Parameter) else meta_t
+    gm.meta[meta.CALL_FORM_KEY] = form
+    gm.meta[meta.CALL_KEY] = call_key(bound)
+    return gm
+
+
+def _tensors_of(bound: dict[str, Any]) -> list[torch.Tensor]:
+    import torch.utils._pytree as pytree
+
+    return [t for t in pytree.tree_leaves(list(bound.values())) if isinstance(t, torch.Tensor)]
+
+
+def _ranges(exported) -> dict[str, tuple[int, int | None]]:
+    """``symbol -> (low, high)`` of the graph's symbolic sizes (high None: unbounded)."""
+    import sympy
+
+    def finite(value) -> int | None:
+        return int(value) if isinstance(value, (int, sympy.Integer)) else None
+
+    return {str(symbol): (finite(b.lower) or 0, finite(b.upper)) for symbol, b in exported.range_constraints.items()}
+
+
+@contextlib.contextmanager
+def _traced_forward(model: nn.Module, form: CallForm):
+    """While tracing, give ``model.forward`` the signature of the graph to make: the form's
+    baked values passed by the function itself (``use_cache=False`` without making it an input),
+    and each keyword that arrives through ``**kwargs`` (``num_items_in_batch``,
+    ``output_hidden_states``) named (torch.export mismatches dynamic-shape specs of ``**kwargs``
+    entries). The module, and so every module path, stays the same."""
     try:
-        sig = inspect.signature(model.forward)
-    except (TypeError, ValueError):  # builtins without a signature: let export decide
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        signature = None
+    baked = dict(form.baked)
+    params = list(signature.parameters.values()) if signature is not None else []
+    var_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
+    extra = [n for n in form.keywords if n not in signature.parameters] if var_keyword else []
+    if not extra and not baked:
+        yield
         return
+    original = model.forward
+    had_own = "forward" in model.__dict__
+
+    def forward(*args, **kwargs):
+        return original(*args, **kwargs, **baked)
+
+    kept = [p for p in params if p.name not in baked and (p.kind is not p.VAR_KEYWORD or not extra)]
+    if extra:
+        kept += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in extra]
+    forward.__signature__ = signature.replace(parameters=_ordered(kept))
+    model.forward = forward
     try:
-        sig.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise InputError(
-            f"example inputs do not fit {type(model).__name__}.forward{sig}: {exc}"
-        ) from None
+        yield
+    finally:
+        if had_own:
+            model.forward = original
+        else:
+            del model.forward
+
+
+def _ordered(params: list[inspect.Parameter]) -> list[inspect.Parameter]:
+    """Parameters in the order a signature requires (keyword-only after positional, ``**`` last)."""
+    return sorted(params, key=lambda p: p.kind)
+
+
+@contextlib.contextmanager
+def _size_oblivious():
+    """Trace sizes "size-oblivious": a symbolic size is not assumed to be >= 2, so a graph traced
+    with a batch of 3 also runs a batch of 1 (unless the model itself branches on the size)."""
+    from torch.fx.experimental import _config as fx_config
+
+    with fx_config.patch(backed_size_oblivious=True):
+        yield
+
+
+def structure_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree with every parameter and buffer on the ``meta`` device.
+
+    It holds no weights (an 8B model's copy costs kilobytes), so a model whose float weights a
+    transform freed can still be traced for a new call (:func:`trace_structure`). The copy shares
+    the original's ``config`` object.
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    config = getattr(model, "config", None)
+    if config is not None:
+        memo[id(config)] = config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return copy.deepcopy(model, memo)
+
+
+def trace_structure(
+    template: nn.Module,
+    bound: dict[str, Any],
+    form: CallForm,
+    *,
+    like=None,
+    device: torch.device | str = "cpu",
+    dynamic: bool = True,
+    spares: list[fx.GraphModule] | None = None,
+) -> fx.GraphModule:
+    """Trace a :func:`structure_copy` for the call ``bound`` without touching a real tensor.
+
+    Parameters and buffers become fake tensors for the trace: the dtype and device of
+    ``like(name)`` (the tensor that will be bound in their place) when it gives one, else the
+    template's dtype on ``device``. The example inputs are fakes of the call's tensors. The
+    GraphModule returned holds fake tensors: bind real ones before running it. ``spares`` as
+    for :func:`export_call`.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    names: dict[int, str] = {}
+    for name, t in list(template.named_parameters(remove_duplicate=False)) + list(
+        template.named_buffers(remove_duplicate=False)
+    ):
+        names.setdefault(id(t), name)
+    fakes: dict[int, torch.Tensor] = {}
+    with mode:
+        for module in template.modules():
+            for table in (module._parameters, module._buffers):
+                for t in table.values():
+                    if t is None or id(t) in fakes:
+                        continue
+                    real = like(names[id(t)]) if like is not None else None
+                    dtype = real.dtype if real is not None else t.dtype
+                    where = real.device if real is not None else torch.device(device)
+                    fake = torch.empty(t.shape, dtype=dtype, device=where)
+                    fakes[id(t)] = nn.Parameter(fake, requires_grad=False) if isinstance(t, nn.Parameter) else fake
+
+    def factory(shape, dtype, device):
+        with mode:
+            return torch.empty(shape, dtype=dtype, device=device)
+
+    with _swapped_tensors(template, fakes), _eval_mode(template):
+        gm = export_call(template, bound, form, dynamic=dynamic, factory=factory, spares=spares)
+    gm.meta[meta.STATE_KEYS_KEY] = list(template.state_dict().keys())
+    gm.meta[meta.TRACE_KEY] = {
+        "method": "export",
+        "model_class": type(template).__module__ + "." + type(template).__qualname__,
+    }
+    return gm
+
+
+@contextlib.contextmanager
+def _swapped_tensors(module: nn.Module, replacement: dict[int, torch.Tensor]):
+    """Put ``replacement[id(t)]`` in place of every parameter and buffer ``t`` while the block runs."""
+    saved = []
+    for m in module.modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in list(table.items()):
+                if t is not None and id(t) in replacement:
+                    saved.append((table, name, t))
+                    table[name] = replacement[id(t)]
+    try:
+        yield
+    finally:
+        for table, name, t in saved:
+            table[name] = t
 
 
 def _raise_if_inputs_do_not_fit(model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -171,73 +393,6 @@ def _export_failure_message(model: nn.Module, errors: list[str]) -> str:
     return (
         f"torch.export could not trace {name}: {errors[-1]}. Suggestions: " + "; ".join(hints)
     )
-
-
-class CallSpec:
-    """How the traced graph must be called, and how to get there from a natural call.
-
-    ``torch.export`` fixes the call structure: arguments passed positionally at trace time must be
-    positional, keyword ones keywords, and non-tensor values (``use_cache=False``) are baked in.
-    Users call models both ways, so a call is re-bound to the model's own signature and re-shaped
-    into the traced structure; baked-in constants may be omitted and are checked when given.
-    """
-
-    def __init__(self, signature: inspect.Signature | None, positional: list[str], keywords: list[str], constants: dict[str, Any]):
-        self.signature = signature
-        self.positional = positional
-        self.keywords = keywords
-        self.constants = constants
-
-    @classmethod
-    def from_example(cls, model: nn.Module, args: tuple, kwargs: dict) -> "CallSpec":
-        try:
-            sig = inspect.signature(model.forward)
-        except (TypeError, ValueError):
-            sig = None
-        names = [
-            p.name
-            for p in (sig.parameters.values() if sig else [])
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        positional = names[: len(args)] if len(names) >= len(args) else []
-        constants = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))}
-        return cls(sig, positional, list(kwargs), constants)
-
-    def normalize(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        for name, traced in self.constants.items():
-            given = kwargs.get(name, traced)
-            if given != traced:
-                raise InputError(
-                    f"{name}={given!r} differs from the value the graph was traced with "
-                    f"({name}={traced!r}); Python constants are fixed at trace time: transform "
-                    f"again with example_kwargs={{..., {name!r}: {given!r}}}"
-                )
-        if self.signature is None or (
-            len(args) == len(self.positional) and set(kwargs) <= set(self.keywords)
-        ):
-            merged = {**self.constants, **kwargs}
-            return args, {k: merged[k] for k in self.keywords if k in merged}
-        try:
-            bound = self.signature.bind(*args, **kwargs).arguments
-        except TypeError as exc:
-            raise InputError(f"the inputs do not fit the model's forward{self.signature}: {exc}") from None
-        extra = sorted(set(bound) - set(self.positional) - set(self.keywords))
-        if extra:
-            raise InputError(
-                f"argument(s) {', '.join(extra)} were not given when the graph was traced; "
-                "transform again with example inputs that include them"
-            )
-        missing = [n for n in self.positional if n not in bound]
-        if missing:
-            raise InputError(f"missing argument(s) {', '.join(missing)} the graph was traced with")
-        new_args = tuple(bound[n] for n in self.positional)
-        new_kwargs = {}
-        for k in self.keywords:
-            if k in bound:
-                new_kwargs[k] = bound[k]
-            elif k in self.constants:
-                new_kwargs[k] = self.constants[k]
-        return new_args, new_kwargs
 
 
 # --------------------------------------------------------------------------- symbolic_trace

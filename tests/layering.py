@@ -32,10 +32,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("graph", (
         "graphlora.graph_utils", "graphlora.sites", "graphlora.branches", "graphlora.adapters",
         "graphlora.rules", "graphlora.rules_file", "graphlora.trace", "graphlora.training_mode",
-        "graphlora.batches", "graphlora.data", "graphlora.diff",
+        "graphlora.batches", "graphlora.data", "graphlora.diff", "graphlora.signature",
+        "graphlora.block_split", "graphlora.activation_checkpointing",
     )),
     ("passes", ("graphlora.passes",)),
-    ("model", ("graphlora.model",)),
+    ("model", ("graphlora.model", "graphlora.call_graphs", "graphlora.hf_compat", "graphlora.model_contents")),
     ("orchestration", (
         "graphlora.pipeline", "graphlora.checkpoint", "graphlora.calibration", "graphlora.train",
         "graphlora.workflows", "graphlora.distributed", "graphlora.recipes",

@@ -70,13 +70,17 @@ def test_example_inputs_that_do_not_fit():
         graphlora.transform(MLP(), [LoraRule(".*", rank=2)])
 
 
-def test_runtime_inputs_that_do_not_fit_the_graph():
-    lm = graphlora.transform(tiny_bert(), 2, (ids(2, 8),))
-    with pytest.raises(InputError, match="were not given when the graph was traced"):
-        lm(ids(2, 8), token_type_ids=torch.zeros(2, 8, dtype=torch.long))
+def test_runtime_inputs_that_cannot_be_served_name_the_argument():
+    # an argument the example did not have gets a graph of its own (tests/test_calls.py); what
+    # cannot be traced or bound is named
     gpt = graphlora.transform(tiny_gpt2(), 2, (ids(),), {"use_cache": False})
-    with pytest.raises(InputError, match=r"use_cache=True differs from the value the graph was traced with"):
+    with pytest.raises(TraceError, match=r"GPT2Model\.forward with use_cache=True: use_cache=True makes the model return a KV cache"):
         gpt(ids(), use_cache=True)
+    with pytest.raises(InputError, match=r"argument 'past_key_values' is a object"):
+        gpt(ids(), past_key_values=object())
+    mlp = graphlora.transform(MLP(), [LoraRule(".*", rank=2)], (torch.randn(2, 8),))
+    with pytest.raises(InputError, match=r"the inputs do not fit MLP\.forward\(x\).*unexpected keyword argument 'nonsense'"):
+        mlp(torch.randn(2, 8), nonsense=1)
 
 
 def test_rules_matching_nothing_warn_or_fail():

@@ -42,6 +42,9 @@ class InsertLoraPass(GraphPass):
     adapter: str
     specs: Mapping[str, LoraSpec]
     training: bool = False
+    #: Mixed-adapter batches: ``(graph input, row)``. The input holds one 0/1 gate per adapter and
+    #: batch row; this adapter's branch output is multiplied, row by row, by gate ``row``.
+    gate: tuple[str, int] | None = None
 
     @property
     def name(self) -> str:
@@ -51,11 +54,18 @@ class InsertLoraPass(GraphPass):
         mode = fake_mode(gm)
         modified = False
         rank_vals: dict = {}  # fake values of rank-r intermediates, shared across like shapes
+        gate = None
+        if self.gate is not None:
+            name, row = self.gate
+            found = [n for n in gm.graph.nodes if n.op == "placeholder" and n.target == name]
+            if not found:
+                raise PassError(f"{self.name}: the graph has no input {name!r} to gate rows with")
+            gate = (found[0], row)
         for site in tagged_sites(gm):
             spec = self.specs.get(site.module_path)
             if spec is None:
                 continue
-            _insert_branch(gm, site, self.adapter, spec, self.training, mode, rank_vals)
+            _insert_branch(gm, site, self.adapter, spec, self.training, mode, rank_vals, gate)
             modified = True
         return PassResult(gm, modified)
 
@@ -68,7 +78,8 @@ class InsertLoraPass(GraphPass):
             raise PassError(f"{self.name}: sites {', '.join(missing[:5])} got no LoRA branch")
 
 
-def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training: bool, mode, rank_vals: dict) -> None:
+def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training: bool, mode, rank_vals: dict,
+                   gate: tuple[fx.Node, int] | None = None) -> None:
     graph = gm.graph
     in_f, out_f = param_features(site)
     dtype = getattr(torch, site.spec.weight_dtype)
@@ -117,6 +128,15 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
         h = emit(aten.matmul.default, (x, b_w), "lora_b")
         h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
         h = emit(aten.matmul.default, (h, a_w), "lora_a", like=out)
+    if gate is not None:
+        # rows lead every activation, (batch, ...) or flattened (batch * tokens, ...): as PEFT's
+        # mixed batches, gate the branch output per batch row, viewed as (batch, everything else)
+        g = emit(aten.select.int, (gate[0], 0, gate[1]), "lora_gate")
+        rows = emit(aten.sym_size.int, (g, 0), "lora_gate")
+        flat = emit(aten.reshape.default, (h, [rows, -1]), "lora_gate")
+        column = emit(aten.type_as.default, (emit(aten.unsqueeze.default, (g, 1), "lora_gate"), flat), "lora_gate")
+        flat = emit(aten.mul.Tensor, (flat, column), "lora_gate", like=flat)
+        h = emit(aten.reshape_as.default, (flat, h), "lora_gate", like=h)
     total = emit(aten.add.Tensor, (out, h), "lora_add", like=out)
     copy_stack(out, *new_nodes)
     out.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
