@@ -49,6 +49,7 @@ def machine() -> dict:
 
 
 def benchmarks() -> dict:
+    import bench_grad_checkpointing
     import bench_lora_train
     import bench_onnx
     import bench_quant
@@ -62,6 +63,7 @@ def benchmarks() -> dict:
         "qw_lora": bench_qw_lora.run,
         # with the QW-LoRA model (100 distillation steps, as in `make demo`) beside the int4 rows
         "onnx": lambda: bench_onnx.run(qwlora_steps=100),
+        "grad_checkpointing": bench_grad_checkpointing.run,
     }
 
 
@@ -96,6 +98,28 @@ def render(m: dict, results: dict) -> str:
         if "ratio_compiled" in r:
             out.append(f"| torch.compile, s/step | {_f(r['graphlora_compiled_s'])} | {_f(r['peft_compiled_s'])} | **{_f(r['ratio_compiled'], 2)}** |")
         out.append("")
+    r = results.get("grad_checkpointing")
+    if r and "error" not in r:
+        out += [
+            f"## Activation checkpointing, one LoRA training step ({r['shape']})",
+            "",
+            "Peak RSS of a forward + backward over the RSS before it, bytes autograd saves for backward,",
+            f"step time; each configuration in a fresh process, medians of {r['rounds']} interleaved rounds.",
+            "",
+            "| | peak RSS MB | saved MB | s/step |",
+            "|---|---|---|---|",
+        ]
+        for config in ("graphlora", "graphlora_checkpointed", "peft", "peft_checkpointed"):
+            out.append(f"| {config.replace('_', ' ')} | {_f(r[config + '_peak_mb'], 1)} | "
+                       f"{_f(r[config + '_saved_mb'], 1)} | {_f(r[config + '_step_s'])} |")
+        out += [
+            "",
+            f"Checkpointed / plain: graphlora peak **{_f(r['graphlora_checkpointed_over_plain_peak_mb'], 2)}**, "
+            f"time {_f(r['graphlora_checkpointed_over_plain_step_s'], 2)}; PEFT peak "
+            f"{_f(r['peft_checkpointed_over_plain_peak_mb'], 2)}, time {_f(r['peft_checkpointed_over_plain_step_s'], 2)}. "
+            f"graphlora / PEFT, both checkpointed: peak {_f(r['graphlora_over_peft_checkpointed_peak_mb'], 2)}.",
+            "",
+        ]
     r = results.get("trace_8b")
     if r and "error" not in r:
         out += [

@@ -199,9 +199,11 @@ def test_non_contiguous_and_batch_one_examples_trace_dynamic_graphs():
             y = torch.randn(batch, 8)
             torch.testing.assert_close(lm(y), lm.merge()(y), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(lm(y.t().contiguous().t()), lm(y), rtol=1e-6, atol=1e-6)
+        assert lm(torch.randn(0, 8)).shape == (0, 4)  # an empty batch too
     assert len(lm.call_graphs) == 1  # MLP has no size-1 branch: one graph serves every batch
 
 
+@pytest.mark.slow
 def test_use_cache_defaults_to_false_and_train_eval_flip_every_graph():
     from toy_models import tiny_gpt2
 
@@ -290,3 +292,31 @@ def test_mixed_adapter_batch_on_a_decoder():
     assert len(gated) == 1 and gated[0].adapters == ("default", "other")
     gated = gated[0]
     assert [r.name for r in gated.pass_log][1:3] == ["InsertLoraPass[default]", "InsertLoraPass[other]"]
+
+
+@pytest.mark.slow
+def test_calibrated_quantizers_are_shared_by_every_graph():
+    from toy_models import tiny_bert
+
+    rules = [LoraRule(r".*attention\.self\.(query|value)", rank=2, act_qtype="int8", lora_act_qtype="int8")]
+    lm = graphlora.transform(tiny_bert(), rules, (ids(2, 8),))
+    reference = graphlora.transform(tiny_bert(), rules, (ids(2, 8),))
+    _randomize(lm)
+    reference.load_state_dict(lm.state_dict())
+    batches = [ids(2, 8, seed=i) for i in range(3)]
+    zeros = torch.zeros(2, 8, dtype=torch.long)
+    # calibrating through another call structure feeds the canonical graph's observers
+    got = graphlora.calibrate(lm, [{"input_ids": b, "token_type_ids": zeros} for b in batches], progress=False)
+    want = graphlora.calibrate(reference, [(b,) for b in batches], progress=False)
+    assert sorted(got) == sorted(want) and got
+    for name in want:
+        torch.testing.assert_close(got[name].scale, want[name].scale, rtol=0, atol=0)
+    # and the derived graph runs the canonical graph's fake-quant nodes, on the same scales
+    x = ids(3, 6, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x, token_type_ids=torch.zeros_like(x)).last_hidden_state,
+                                   lm(x).last_hidden_state, rtol=1e-5, atol=1e-5)
+    derived = [g for g in lm.call_graphs if not g.canonical][-1]
+    assert derived.pass_log[-1].name == "ReplicateQuantizersPass"
+    fq = [n for n in derived.graph_module.graph.nodes if graphlora.meta.role(n) == "fake_quant"]
+    assert len(fq) == sum(1 for n in lm.graph_module.graph.nodes if graphlora.meta.role(n) == "fake_quant") > 0
