@@ -77,7 +77,8 @@ def _refuse_model_checkpoint(path: Path) -> None:
         raise AdapterError(
             f"{path} holds a full model checkpoint ({weights[0]}) but no {ADAPTER_CONFIG_NAME}: it is "
             "not an adapter (a merged save has the LoRA folded into its weights). Load it with "
-            "from_pretrained / load_state_dict, or point load_adapter at an adapter directory"
+            "from_pretrained / load_state_dict (graphlora.load_quantized for a keep_quantized save), "
+            "or point load_adapter at an adapter directory"
         )
 
 

@@ -4,18 +4,28 @@ A QLoRA base is int4/nf4 codes plus scales; saving it dequantized (the default, 
 can load it) multiplies its size by 8. With ``keep_quantized=True`` the checkpoint keeps the
 codes. Layout, next to the usual files of the chosen save mode:
 
-``model.safetensors``
-    every float tensor of the base under its original key, and for each quantized weight its
-    stored codes under ``<original key>.qcodes`` (packed two per byte for 4-bit qtypes,
-    channel-major; see :mod:`graphlora.quant.encoding`).
+``graphlora_quantized.safetensors``
+    (sharded like ``model.safetensors``, with its own index) every float tensor of the base under
+    its original key, and for each quantized weight its stored codes under
+    ``<original key>.qcodes`` (packed two per byte for 4-bit qtypes, channel-major; see
+    :mod:`graphlora.quant.encoding`).
 ``graphlora_quantization.json``
     ``{"format": "graphlora-quantized", "version": 1, "rules": [...], "weights": {key:
     encoding}}`` — the rules the model was transformed with and, per quantized weight, its
     encoding in the encodings-file schema (scale, offset, qtype, axis, shape, block size).
+``config.json`` (models from transformers)
+    the model's config with ``quantization_config = {"quant_method": "graphlora", ...}``, the
+    key the Hugging Face ecosystem reads to know a checkpoint is pre-quantized and by what.
 
-Such a checkpoint is graphlora's own format (transformers cannot load codes into a float model):
-:func:`load_quantized` rebuilds the LoraModel — trace, rules, then the saved codes installed
-exactly, without re-quantizing anything.
+Such a checkpoint is graphlora's own format: transformers cannot put codes into a float model.
+It must also not *seem* to load. Had the tensors been named ``model.safetensors``, transformers'
+``from_pretrained`` (which only warns about an unknown ``quant_method`` and skips it) would load
+the float tensors, report the quantized weights as missing and initialise them at random. Under
+their own file name it finds no checkpoint and raises, after logging "Unknown quantization type,
+got graphlora"; ``AutoConfig.from_pretrained`` still reads the config, so the architecture can be
+built from it (``AutoModelForCausalLM.from_config``) and handed to :func:`load_quantized`, which
+rebuilds the LoraModel — trace, rules, then the saved codes installed exactly, without
+re-quantizing anything.
 """
 
 from __future__ import annotations
@@ -31,12 +41,12 @@ import torch
 import torch.fx as fx
 
 from graphlora import meta
-from graphlora.checkpoint.layout import ADAPTERS_SUBDIR
+from graphlora.checkpoint.layout import ADAPTERS_SUBDIR, QUANT_CONFIG_NAME, QUANT_WEIGHTS_NAME
 from graphlora.checkpoint.loading import load_adapter
 from graphlora.errors import FileFormatError
 from graphlora.graph_utils import is_own
 from graphlora.io.peft_config import ADAPTER_CONFIG_NAME
-from graphlora.io.safetensors_io import load_state_dict
+from graphlora.io.safetensors_io import SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, load_state_dict
 from graphlora.model import LoraModel
 from graphlora.passes.quantize_weights import QuantizeWeightsPass, install_encoding
 from graphlora.passes.weights import groups_by_weight
@@ -46,11 +56,35 @@ from graphlora.rules import QuantRule
 from graphlora.rules_file import dump_rules, rules_from_data
 from graphlora.sites import tagged_sites
 
-__all__ = ["CODES_SUFFIX", "QUANT_CONFIG_NAME", "load_quantized", "quantized_state", "requantize_merged"]
+__all__ = [
+    "CODES_SUFFIX",
+    "QUANT_CONFIG_NAME",
+    "QUANT_METHOD",
+    "QUANT_WEIGHTS_NAME",
+    "load_quantized",
+    "quantized_state",
+    "requantize_merged",
+    "transformers_quantization_config",
+]
 
-QUANT_CONFIG_NAME = "graphlora_quantization.json"
 CODES_SUFFIX = ".qcodes"
 FORMAT = "graphlora-quantized"
+#: ``quantization_config.quant_method`` in the ``config.json`` of a keep-quantized save.
+QUANT_METHOD = "graphlora"
+
+
+def transformers_quantization_config() -> dict[str, Any]:
+    """The ``quantization_config`` a keep-quantized save writes into ``config.json``: it names
+    the method (``graphlora``, unknown to transformers, which then refuses to guess) and says
+    where the encodings are and what loads them."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT,
+        "version": 1,
+        "encodings": QUANT_CONFIG_NAME,
+        "weights": QUANT_WEIGHTS_NAME,
+        "load_with": "graphlora.load_quantized",
+    }
 
 
 def quantized_state(
@@ -98,6 +132,14 @@ def requantize_merged(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _weights_name(root: Path) -> str:
+    """The tensors' file name: ``graphlora_quantized.safetensors``, or ``model.safetensors`` in
+    a save written before keep-quantized saves had a file name of their own."""
+    old = (root / SAFE_WEIGHTS_NAME).is_file() or (root / SAFE_WEIGHTS_INDEX_NAME).is_file()
+    new = (root / QUANT_WEIGHTS_NAME).is_file() or (root / f"{QUANT_WEIGHTS_NAME}.index.json").is_file()
+    return SAFE_WEIGHTS_NAME if old and not new else QUANT_WEIGHTS_NAME
+
+
 def load_quantized(
     model: torch.nn.Module,
     directory: str | os.PathLike,
@@ -125,7 +167,7 @@ def load_quantized(
     if config.get("format") != FORMAT:
         raise FileFormatError(f"{config_path}: format is {config.get('format')!r}, expected {FORMAT!r}")
     rules = rules_from_data({"rules": config["rules"]}, source=str(config_path))
-    state = load_state_dict(root)
+    state = load_state_dict(root, weights_name=_weights_name(root))
     lm = transform(model, rules, example_args, example_kwargs, quantize_weights=False, **transform_kwargs)
     gm = lm.graph_module
     groups = groups_by_weight(tagged_sites(gm))

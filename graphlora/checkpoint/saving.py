@@ -19,8 +19,9 @@ Three save options, as in the Kithara guide:
 
 A quantized base is saved dequantized (the float weights the model computes with) in both base
 layouts, so any library loads it. ``keep_quantized=True`` keeps its codes instead (graphlora's own
-format, read back by :func:`graphlora.load_quantized`; a merged save re-quantizes the merged
-weights with each site's rule) — see :mod:`graphlora.checkpoint.quantized`.
+format in ``graphlora_quantized.safetensors``, which transformers refuses rather than loading it
+as random weights, read back by :func:`graphlora.load_quantized`; a merged save re-quantizes the
+merged weights with each site's rule) — see :mod:`graphlora.checkpoint.quantized`.
 
 Every save is all-or-nothing: the directory is built under a hidden staging name next to the
 target and renamed into place (:func:`graphlora.io.atomic.atomic_directory`), so an error half-way
@@ -44,14 +45,25 @@ import torch.nn as nn
 
 from graphlora import meta
 from graphlora.checkpoint.adapter_state import active_as, adapter_layout, adapter_payload
-from graphlora.checkpoint.layout import ADAPTERS_SUBDIR, CONFIG_NAME, is_weights_file
-from graphlora.checkpoint.quantized import QUANT_CONFIG_NAME, quantized_state, requantize_merged
+from graphlora.checkpoint.layout import (
+    ADAPTERS_SUBDIR,
+    CONFIG_NAME,
+    QUANT_CONFIG_NAME,
+    QUANT_WEIGHTS_NAME,
+    is_weights_file,
+)
+from graphlora.checkpoint.quantized import (
+    QUANT_METHOD,
+    quantized_state,
+    requantize_merged,
+    transformers_quantization_config,
+)
 from graphlora.errors import GraphloraWarning, InputError
 from graphlora.graph_utils import is_own
 from graphlora.io.atomic import atomic_directory, atomic_write
 from graphlora.io.peft_config import ADAPTER_CONFIG_NAME
 from graphlora.io.peft_format import ADAPTER_FILES, LoraModule, write_adapter
-from graphlora.io.safetensors_io import write_state_dict
+from graphlora.io.safetensors_io import SAFE_WEIGHTS_NAME, write_state_dict
 from graphlora.model import LoraModel
 from graphlora.sites import tagged_sites
 
@@ -150,7 +162,8 @@ class _Plan:
 
     def write(self, root: Path, max_shard_size: int | str) -> None:
         if self.state is not None:
-            write_state_dict(self.state, root, max_shard_size=max_shard_size)
+            name = SAFE_WEIGHTS_NAME if self.quantization is None else QUANT_WEIGHTS_NAME
+            write_state_dict(self.state, root, max_shard_size=max_shard_size, weights_name=name)
         if self.quantization is not None:
             with atomic_write(root / QUANT_CONFIG_NAME, "w", encoding="utf-8") as f:
                 json.dump(self.quantization, f, indent=2)
@@ -179,7 +192,7 @@ def _plan_adapters(
             state, quantization = quantized_state(model.graph_module, model.rules)
         else:
             state = _original_keys(model, model.base_state_dict(), what="base")
-        config = _export_config(model, untied=[])
+        config = _export_config(model, untied=[], quantized=keep_quantized)
     elif keep_quantized:
         raise InputError("keep_quantized=True applies to saves with a base model; this one saves adapters only")
     return _Plan(state=state, config=config, adapters=adapters, adapter_dirs=dirs, quantization=quantization)
@@ -192,8 +205,8 @@ def _plan_merged(model: LoraModel, adapter_name: str | None, keep_quantized: boo
     if keep_quantized:
         requantize_merged(merged)
         state, quantization = quantized_state(merged, model.rules)
-        return _Plan(state=state, config=_export_config(model, []), adapters={}, adapter_dirs={},
-                     quantization=quantization)
+        return _Plan(state=state, config=_export_config(model, [], quantized=True), adapters={},
+                     adapter_dirs={}, quantization=quantization)
     raw = merged.state_dict()
     state = {k: v for k, v in raw.items() if not k.endswith(MERGED_SUFFIX)}
     untied = []
@@ -237,10 +250,13 @@ def _original_keys(model: LoraModel, state: dict[str, torch.Tensor], *, what: st
 # --------------------------------------------------------------------------- config.json
 
 
-def _export_config(model: LoraModel, untied: list[str]) -> Any | None:
+def _export_config(model: LoraModel, untied: list[str], *, quantized: bool = False) -> Any | None:
     """A copy of the transformers config to write next to base weights (``None`` when the model
     did not come from transformers). A merged weight that was tied to another (a LoRA'd
-    ``lm_head`` tied to the embedding) no longer equals it, so the copy unties them."""
+    ``lm_head`` tied to the embedding) no longer equals it, so the copy unties them. A
+    keep-quantized save declares itself in ``quantization_config`` (so transformers refuses to
+    load it as a float model); a float save drops that declaration, which a config read from a
+    keep-quantized directory carries."""
     config = model.source.get("config")
     if untied:
         _warn_untied(untied, has_config=config is not None)
@@ -252,7 +268,18 @@ def _export_config(model: LoraModel, untied: list[str]) -> Any | None:
         config.architectures = [model_class]
     if untied and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False
+    if quantized:
+        config.quantization_config = transformers_quantization_config()
+    elif _quant_method(config) == QUANT_METHOD:
+        del config.quantization_config
     return config
+
+
+def _quant_method(config: Any) -> str | None:
+    declared = getattr(config, "quantization_config", None)
+    if isinstance(declared, dict):
+        return declared.get("quant_method")
+    return getattr(declared, "quant_method", None)
 
 
 def _warn_untied(untied: list[str], *, has_config: bool) -> None:
@@ -283,7 +310,7 @@ def _not_ours(target: Path) -> Callable[[str], bool]:
     adapter subdirectories), so a save never mixes with a stale one but keeps tokenizer files."""
 
     def keep(name: str) -> bool:
-        if name in ADAPTER_FILES or name == CONFIG_NAME or is_weights_file(name):
+        if name in ADAPTER_FILES or name in (CONFIG_NAME, QUANT_CONFIG_NAME) or is_weights_file(name):
             return False
         entry = target / name
         if entry.is_dir() and (name == ADAPTERS_SUBDIR or (entry / ADAPTER_CONFIG_NAME).is_file()):
