@@ -24,6 +24,7 @@ from graphlora.graph_utils import is_own, share_storage_copy
 from graphlora.passes.base import PassPipeline, PassRecord
 from graphlora.passes.insert_lora import InsertLoraPass, RemoveLoraPass
 from graphlora.passes.merge_lora import MergeLoraPass
+from graphlora.passes.weights import dequant_node
 from graphlora.rules import QuantRule
 
 if TYPE_CHECKING:
@@ -409,7 +410,9 @@ class LoraModel(nn.Module):
         """The base model's tensors under the original model's state-dict keys.
 
         Weights a quantization pass replaced are evaluated through their dequantize nodes, so
-        the result has the float weights the base computes with (on the quantization grid).
+        the result has the float weights the base computes with (on the quantization grid) —
+        also when the float parameter is still there for another reader (a quantized
+        ``lm_head`` tied to the embedding).
         """
         gm = self.graph_module
         state = {
@@ -419,7 +422,7 @@ class LoraModel(nn.Module):
         }
         for site in tagged_sites(gm):
             name = site.spec.weight_name
-            if name not in state:
+            if name not in state or dequant_node(site) is not None:
                 state[name] = site.param_value().detach()
         order = gm.meta.get(meta.STATE_KEYS_KEY)
         if order:

@@ -141,7 +141,24 @@ def _source_info(model: nn.Module, method: str) -> dict[str, Any]:
         info["config"] = config
         info["name_or_path"] = getattr(config, "_name_or_path", None) or None
         info["task_type"] = _task_type(type(model).__name__)
+        tied = _tied_weights(model)
+        if tied:
+            info["tied_weights"] = tied
     return info
+
+
+def _tied_weights(model: nn.Module) -> dict[str, str]:
+    """transformers' tied parameters, ``{tied key: the key it is tied to}`` (``lm_head.weight``
+    -> ``model.embed_tokens.weight`` with ``tie_word_embeddings``), which its ``save_pretrained``
+    leaves out of the checkpoint and ``from_pretrained`` ties again; saves do the same."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    try:
+        tied = expand(all_submodels=True) if callable(expand) else getattr(model, "all_tied_weights_keys", None)
+    except (AttributeError, KeyError, TypeError, ValueError):  # patterns that do not resolve: save every key
+        return {}
+    if not isinstance(tied, dict):
+        return {}
+    return {str(k): str(v) for k, v in tied.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def _task_type(class_name: str) -> str | None:

@@ -303,3 +303,68 @@ def test_merged_lora_on_a_tied_lm_head_unties_it_in_config(tmp_path):
     assert merged.config.tie_word_embeddings is False
     with torch.no_grad():
         torch.testing.assert_close(merged(x, use_cache=False).logits, expected, rtol=0, atol=ATOL)
+
+
+def _safetensors_keys(directory, name="model.safetensors") -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / name), "pt") as f:
+        return sorted(f.keys())
+
+
+def test_tied_lm_head_is_saved_once_like_transformers(tmp_path):
+    """Llama with tie_word_embeddings: transformers' save_pretrained leaves lm_head.weight out
+    (from_pretrained ties it again); graphlora's base, merged and keep-quantized saves do too
+    when LoRA did not change the head, and from_pretrained loads them equal and tied."""
+    from toy_models import tiny_llama
+
+    model = tiny_llama(layers=1, tie=True)
+    x = ids(vocab=128)
+    model.save_pretrained(tmp_path / "hf")  # the peer's layout
+    expected_keys = _safetensors_keys(tmp_path / "hf")
+    assert "lm_head.weight" not in expected_keys
+    lm = graphlora.transform(model, [LoraRule(r".*q_proj", rank=4, alpha=8.0)], (x,), {"use_cache": False})
+    _randomize(lm.named_lora_parameters(), seed=5, std=0.1)
+
+    lm.save_pretrained(tmp_path / "base")
+    assert _safetensors_keys(tmp_path / "base") == expected_keys
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
+    for key, value in model.state_dict().items():
+        assert torch.equal(base.state_dict()[key], value), key
+
+    lm.save_pretrained(tmp_path / "merged", save_adapters_separately=False)
+    assert _safetensors_keys(tmp_path / "merged") == expected_keys
+    assert json.loads((tmp_path / "merged" / "config.json").read_text()).get("tie_word_embeddings", True)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad(), canonical_execution(lm):
+        torch.testing.assert_close(merged(x, use_cache=False).logits, lm(x).logits, rtol=0, atol=ATOL)
+
+    int4 = graphlora.transform(model, [LoraRule(r".*q_proj", rank=4, weight_qtype="int4", group_size=32)],
+                               (x,), {"use_cache": False})
+    int4.save_pretrained(tmp_path / "q", keep_quantized=True)
+    keys = _safetensors_keys(tmp_path / "q", "graphlora_quantized.safetensors")
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    back = graphlora.load_quantized(tiny_llama(layers=1, tie=True), tmp_path / "q", (x,), {"use_cache": False})
+    assert torch.equal(back(x).logits, int4(x).logits)
+
+
+def test_quantized_tied_lm_head_is_saved_untied(tmp_path):
+    """A quantized lm_head tied to the embedding computes with its grid values, the embedding
+    with its float ones: the base save keeps both keys, unties them in config.json (with a
+    warning), and from_pretrained reproduces the base the model computes with."""
+    from toy_models import tiny_llama
+
+    model = tiny_llama(layers=1, tie=True)
+    x = ids(vocab=128)
+    lm = graphlora.transform(model, [LoraRule(r"lm_head", rank=4, weight_qtype="int8")], (x,), {"use_cache": False})
+    with pytest.warns(graphlora.GraphloraWarning, match="lm_head.weight were tied.*tie_word_embeddings=false"):
+        lm.save_pretrained(tmp_path / "base")
+    keys = _safetensors_keys(tmp_path / "base")
+    assert "lm_head.weight" in keys and "model.embed_tokens.weight" in keys
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    assert base.config.tie_word_embeddings is False
+    assert torch.equal(base.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    with torch.no_grad(), lm.disable_adapter(), canonical_execution(lm):
+        torch.testing.assert_close(base(x, use_cache=False).logits, lm(x).logits, rtol=0, atol=ATOL)

@@ -140,6 +140,17 @@ def _weights_name(root: Path) -> str:
     return SAFE_WEIGHTS_NAME if old and not new else QUANT_WEIGHTS_NAME
 
 
+def _missing(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """The model's tensors the file does not hold, except graphlora's own (installed from the
+    codes) and tied aliases of a tensor it holds (a save leaves ``lm_head.weight`` out when it is
+    the embedding, as transformers does)."""
+    loaded = {(v.data_ptr(), tuple(v.shape)) for k, v in own.items() if k in state}
+    return sorted(
+        k for k, v in own.items()
+        if k not in state and not is_own(k) and (v.data_ptr(), tuple(v.shape)) not in loaded
+    )
+
+
 def load_quantized(
     model: torch.nn.Module,
     directory: str | os.PathLike,
@@ -185,6 +196,12 @@ def load_quantized(
     unexpected = sorted(k for k in state if k not in own)
     if unexpected:
         raise FileFormatError(f"{root}: tensors that do not belong to this model: {', '.join(unexpected[:5])}")
+    missing = _missing(own, state)
+    if missing:
+        raise FileFormatError(
+            f"{root}: tensors of this model missing from the checkpoint (they would keep the "
+            f"model's own values): {', '.join(missing[:5])}"
+        )
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v)

@@ -65,6 +65,7 @@ from graphlora.io.peft_config import ADAPTER_CONFIG_NAME
 from graphlora.io.peft_format import ADAPTER_FILES, LoraModule, write_adapter
 from graphlora.io.safetensors_io import SAFE_WEIGHTS_NAME, write_state_dict
 from graphlora.model import LoraModel
+from graphlora.passes.weights import dequant_node
 from graphlora.sites import tagged_sites
 
 __all__ = ["SaveResult", "save_pretrained"]
@@ -192,7 +193,8 @@ def _plan_adapters(
             state, quantization = quantized_state(model.graph_module, model.rules)
         else:
             state = _original_keys(model, model.base_state_dict(), what="base")
-        config = _export_config(model, untied=[], quantized=keep_quantized)
+        untied = _drop_tied(model, state)
+        config = _export_config(model, untied, quantized=keep_quantized, why=_QUANTIZED_TIE)
     elif keep_quantized:
         raise InputError("keep_quantized=True applies to saves with a base model; this one saves adapters only")
     return _Plan(state=state, config=config, adapters=adapters, adapter_dirs=dirs, quantization=quantization)
@@ -205,7 +207,8 @@ def _plan_merged(model: LoraModel, adapter_name: str | None, keep_quantized: boo
     if keep_quantized:
         requantize_merged(merged)
         state, quantization = quantized_state(merged, model.rules)
-        return _Plan(state=state, config=_export_config(model, [], quantized=True), adapters={},
+        untied = _drop_tied(model, state)
+        return _Plan(state=state, config=_export_config(model, untied, quantized=True), adapters={},
                      adapter_dirs={}, quantization=quantization)
     raw = merged.state_dict()
     state = {k: v for k, v in raw.items() if not k.endswith(MERGED_SUFFIX)}
@@ -217,16 +220,42 @@ def _plan_merged(model: LoraModel, adapter_name: str | None, keep_quantized: boo
             untied.append(original)
     _add_dequantized_weights(merged, state)
     state = _original_keys(model, state, what="merged")
+    untied = list(dict.fromkeys(untied + _drop_tied(model, state)))
     return _Plan(state=state, config=_export_config(model, untied), adapters={}, adapter_dirs={})
+
+
+def _drop_tied(model: LoraModel, state: dict[str, torch.Tensor]) -> list[str]:
+    """Leave tied weights out of ``state`` as transformers' ``save_pretrained`` does: a key the
+    model ties to another (``lm_head.weight`` to ``model.embed_tokens.weight``) is dropped when it
+    holds the same values, since ``from_pretrained`` ties it again (a Gemma-2-2B head is ~1 GB).
+    Returns the tied keys whose values differ from what they are tied to (a merged LoRA on the
+    head, a quantized head read off its grid): those are kept, and the config must untie them."""
+    differing = []
+    for key, source in model.source.get("tied_weights", {}).items():
+        if key not in state or source not in state:
+            continue
+        if _same_values(state[key], state[source]):
+            del state[key]
+        else:
+            differing.append(key)
+    return differing
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    same_view = a.device == b.device and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
+    return same_view or torch.equal(a, b)
 
 
 def _add_dequantized_weights(gm: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Quantized sites the merge did not touch (no LoRA, or an inactive adapter's) still read
-    packed storage, and their parameter is gone from the state dict: evaluate their dequantized
-    float weight so the merged checkpoint is a complete float model."""
+    packed storage, and their parameter is gone from the state dict (or, tied to another
+    reader, holds that reader's float values): evaluate the dequantized float weight each site
+    computes with, so the merged checkpoint is a complete float model of what ran."""
     for site in tagged_sites(gm):
         name = site.spec.weight_name
-        if name not in state:
+        if name not in state or dequant_node(site) is not None:
             state[name] = site.param_value().detach()
 
 
@@ -250,7 +279,12 @@ def _original_keys(model: LoraModel, state: dict[str, torch.Tensor], *, what: st
 # --------------------------------------------------------------------------- config.json
 
 
-def _export_config(model: LoraModel, untied: list[str], *, quantized: bool = False) -> Any | None:
+_MERGED_TIE = "LoRA changed them, not the weights they are tied to"
+_QUANTIZED_TIE = "the base computes with other values for them than for the weights they are tied to"
+
+
+def _export_config(model: LoraModel, untied: list[str], *, quantized: bool = False,
+                   why: str = _MERGED_TIE) -> Any | None:
     """A copy of the transformers config to write next to base weights (``None`` when the model
     did not come from transformers). A merged weight that was tied to another (a LoRA'd
     ``lm_head`` tied to the embedding) no longer equals it, so the copy unties them. A
@@ -259,7 +293,7 @@ def _export_config(model: LoraModel, untied: list[str], *, quantized: bool = Fal
     keep-quantized directory carries."""
     config = model.source.get("config")
     if untied:
-        _warn_untied(untied, has_config=config is not None)
+        _warn_untied(untied, why, has_config=config is not None)
     if config is None or not hasattr(config, "to_json_string"):
         return None
     config = copy.deepcopy(config)
@@ -282,15 +316,15 @@ def _quant_method(config: Any) -> str | None:
     return getattr(declared, "quant_method", None)
 
 
-def _warn_untied(untied: list[str], *, has_config: bool) -> None:
+def _warn_untied(untied: list[str], why: str, *, has_config: bool) -> None:
     consequence = (
         "config.json is written with tie_word_embeddings=false"
         if has_config
-        else "loading this file into the original module class, which ties them again, loses the merge"
+        else "loading this file into the original module class, which ties them again, loses the difference"
     )
     warnings.warn(
-        f"merged weight(s) {', '.join(untied)} were tied to other weights that LoRA did not change; "
-        f"the merged save stores them separately ({consequence})",
+        f"weight(s) {', '.join(untied)} were tied to other weights, but {why}; the save stores "
+        f"them separately ({consequence})",
         GraphloraWarning,
         stacklevel=5,
     )
