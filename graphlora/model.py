@@ -30,6 +30,7 @@ from graphlora.rules import QuantRule
 if TYPE_CHECKING:
     from graphlora.quant import Encoding
 from graphlora.sites import tagged_sites
+from graphlora.trace import accept_natural_calls
 from graphlora.training_mode import set_module_flags, set_training_flags
 
 
@@ -472,7 +473,8 @@ class LoraModel(nn.Module):
 
         Merges the active adapters, or the named ``adapters``. The LoraModel itself is unchanged;
         unchanged weights are shared, not copied. A quantized base is dequantized into the merged
-        float weight.
+        float weight. It is called like the original model, as far as the traced graph allows
+        (constants traced in, such as ``use_cache=False``, may be left out).
         """
         names = list(self._active) if adapters is None else [self._resolve_adapter(a) for a in adapters]
         _refuse_fsdp_modules(self.graph_module, "merge()")
@@ -483,7 +485,7 @@ class LoraModel(nn.Module):
         set_training_flags(gm, self.training)
         for p in gm.parameters():
             p.requires_grad_(False)
-        return gm
+        return accept_natural_calls(gm)
 
     def merge_and_unload(self) -> fx.GraphModule:
         """PEFT's name for :meth:`merge`."""

@@ -240,6 +240,20 @@ class CallSpec:
         return new_args, new_kwargs
 
 
+def accept_natural_calls(gm: fx.GraphModule) -> fx.GraphModule:
+    """Let ``gm`` be called like the model it was traced from: every call goes through its
+    :class:`CallSpec` (a forward pre-hook), so ``merged(ids)`` works for a graph traced with
+    ``use_cache=False`` and keywords may be given positionally and vice versa. Graphs without a
+    call spec (symbolic traces) are left as they are."""
+    if gm.meta.get(meta.CALL_SPEC_KEY) is not None:
+        gm.register_forward_pre_hook(_normalize_call, with_kwargs=True)
+    return gm
+
+
+def _normalize_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return module.meta[meta.CALL_SPEC_KEY].normalize(args, kwargs)
+
+
 # --------------------------------------------------------------------------- symbolic_trace
 
 
