@@ -2,8 +2,10 @@
 
 This pass is where op spellings are recognised (through :mod:`graphlora.sites`); it writes the
 normalised :class:`~graphlora.sites.SiteSpec` and the winning rule into the node metadata, so the
-passes after it only read tags. Checks that need the model (a rank larger than the layer it is
-applied to) happen here, naming the rule and the site.
+passes after it only read tags. Checks that need the model happen here, naming the rule and the
+site: a rank larger than the layer it is applied to, and a quantization the ONNX export could not
+express (an NF4 group size onnxruntime's MatMulBnb4 cannot hold), refused before any training
+is spent on it rather than at export.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.fx as fx
 from graphlora import meta
 from graphlora.errors import GraphloraWarning, RuleError
 from graphlora.passes.base import GraphPass, PassResult
+from graphlora.quant.bnb_blocks import bnb_block_problem
 from graphlora.rules import QuantRule, RuleMatch, first_match, rule_name
 from graphlora.sites import LinearSite, find_linear_sites
 
@@ -43,7 +46,7 @@ class MatchRulesPass(GraphPass):
                 self.unmatched.append(site)
                 continue
             used.add(match.index)
-            problem = _rank_problem(match.rule, site)
+            problem = _rank_problem(match.rule, site) or _export_problem(match.rule, site)
             if problem is not None:
                 if not self.collect_problems:
                     raise RuleError(f"{rule_name(match.index, match.rule)}: {problem}")
@@ -80,3 +83,11 @@ def _rank_problem(rule: QuantRule, site: LinearSite) -> str | None:
         f"rank {rule.rank} is larger than the matched site {site.module_path!r} allows "
         f"(in={site.spec.in_features}, out={site.spec.out_features}, so rank <= {limit})"
     )
+
+
+def _export_problem(rule: QuantRule, site: LinearSite) -> str | None:
+    """Why ``rule``'s weight quantization of ``site`` could not be exported to ONNX, or None."""
+    if rule.weight_qtype != "nf4":
+        return None
+    problem = bnb_block_problem(rule.group_size, site.spec.in_features)
+    return None if problem is None else f"site {site.module_path!r}: {problem}"
