@@ -28,6 +28,8 @@ ROLES = (
     "lora_dropout",
     "lora_scale",
     "lora_add",
+    "lora_cast_in",
+    "lora_cast_out",
     "weight",
     "quant",
     "dequant",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch.fx as fx
@@ -19,7 +20,7 @@ from graphlora.sites import tagged_sites
 from graphlora.trace import TraceMethod, trace
 
 
-def lora_specs_from_rules(gm: fx.GraphModule) -> dict[str, LoraSpec]:
+def lora_specs_from_rules(gm: fx.GraphModule, autocast_dtype: bool = True) -> dict[str, LoraSpec]:
     """Module path -> LoraSpec for every tagged site whose winning rule is a LoraRule."""
     specs: dict[str, LoraSpec] = {}
     for site in tagged_sites(gm):
@@ -31,15 +32,19 @@ def lora_specs_from_rules(gm: fx.GraphModule) -> dict[str, LoraSpec]:
                 dropout=float(rule.dropout),
                 use_rslora=rule.use_rslora,
                 init=rule.init,
+                autocast_dtype=autocast_dtype,
             )
     return specs
 
 
+@dataclass
 class _InsertRuleLoraPass(InsertLoraPass):
     """InsertLoraPass whose specs come from the rules tagged by MatchRulesPass."""
 
+    autocast_dtype: bool = True
+
     def call(self, gm):
-        self.specs = lora_specs_from_rules(gm)
+        self.specs = lora_specs_from_rules(gm, self.autocast_dtype)
         return super().call(gm)
 
 
@@ -52,6 +57,7 @@ def build_passes(
     calibration_data: Iterable[Any] | None = None,
     progress: bool = True,
     quantize_weights: bool = True,
+    autocast_adapter_dtype: bool = True,
 ) -> list[GraphPass]:
     """The default pass list; the quantization passes slot in around the LoRA insertion."""
     weight_passes = (
@@ -64,7 +70,7 @@ def build_passes(
     return [
         MatchRulesPass(rules, strict=strict),
         *weight_passes,
-        _InsertRuleLoraPass(adapter, {}),
+        _InsertRuleLoraPass(adapter, {}, autocast_dtype=autocast_adapter_dtype),
     ]
 
 
@@ -82,6 +88,7 @@ def transform(
     calibration_data: Iterable[Any] | None = None,
     progress: bool = True,
     quantize_weights: bool = True,
+    autocast_adapter_dtype: bool = True,
 ) -> LoraModel:
     """Trace ``model``, apply ``rules`` and return a trainable :class:`LoraModel`.
 
@@ -96,6 +103,10 @@ def transform(
     encodings are calibrated afterwards with :func:`graphlora.calibrate`. With
     ``quantize_weights=False`` the rules' weight quantization is left for a later, explicit step
     (the QW-LoRA workflow).
+
+    ``autocast_adapter_dtype`` (PEFT's option of that name, default ``True`` as there): LoRA
+    factors of a float16/bfloat16 base are float32, the branch reading its input cast up and
+    the site's sum cast back to the base's dtype; ``False`` keeps the factors in the base dtype.
     """
     rules = normalize_rules(rules)
     if not isinstance(model, nn.Module):
@@ -109,10 +120,11 @@ def transform(
         calibration_data=calibration_data,
         progress=progress,
         quantize_weights=quantize_weights,
+        autocast_adapter_dtype=autocast_adapter_dtype,
     )
     pipeline = PassPipeline(passes, record=record)
     gm = pipeline(gm)
-    specs = lora_specs_from_rules(gm)
+    specs = lora_specs_from_rules(gm, autocast_adapter_dtype)
     for p in gm.parameters():
         p.requires_grad_(False)
     lora_model = LoraModel(

@@ -275,6 +275,36 @@ def test_nf4_layouts_without_a_direct_matmulbnb4_block_export_exactly(tmp_path, 
     assert rel_err(got, ref) < BOUNDS["nf4"]
 
 
+@pytest.mark.slow
+def test_fp16_llama_with_float32_lora_factors_exports_and_runs(tmp_path):
+    """float16 Llama, float32 LoRA factors (autocast_adapter_dtype), an NF4 q_proj: the branch
+    export keeps the factors float32 behind Casts, MatMulBnb4 reads float32 between Casts, and
+    onnxruntime computes what torch does on a new batch and length."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval().to(torch.float16)
+    x = ids(vocab=128)
+    rules = [graphlora.LoraRule(r".*q_proj", rank=4, weight_qtype="nf4", group_size=32),
+             graphlora.LoraRule(r".*v_proj", rank=4)]
+    lm = randomize_lora(graphlora.transform(model, rules, (x,), {"use_cache": False}))
+    assert {p.dtype for p in lm.lora_parameters()} == {torch.float32}
+    path = tmp_path / "m.onnx"
+    result = export_onnx(lm, path, (x,), {"use_cache": False}, lora="branch")
+    assert result.contrib_ops == ["MatMulBnb4"]
+    exported = onnx.load(path)
+    lora = [i for i in exported.graph.initializer if "lora_A" in i.name or "lora_B" in i.name]
+    assert len(lora) == 4 and {i.data_type for i in lora} == {onnx.TensorProto.FLOAT}
+    assert op_counts(exported)["Cast"] >= 4
+    x2 = ids(3, 5, vocab=128, seed=3)
+    got = _run(path, {"input_ids": x2})[0]
+    assert got.dtype == np.float16
+    with torch.no_grad():
+        assert rel_err(got, lm(x2).logits.float()) < 5e-3  # float16 rounding, both sides
+
+
 def test_nf4_group_size_without_onnx_form_is_refused_at_transform():
     """A group shorter than the row and not a multiple of 16 has no MatMulBnb4 form: transform
     says so (rule and site) instead of training a model the export then refuses. A group of

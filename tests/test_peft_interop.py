@@ -368,3 +368,80 @@ def test_quantized_tied_lm_head_is_saved_untied(tmp_path):
     assert torch.equal(base.model.embed_tokens.weight, model.model.embed_tokens.weight)
     with torch.no_grad(), lm.disable_adapter(), canonical_execution(lm):
         torch.testing.assert_close(base(x, use_cache=False).logits, lm(x).logits, rtol=0, atol=ATOL)
+
+
+def _bf16_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval().to(torch.bfloat16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("autocast", [True, False])
+def test_bf16_llama_lora_dtype_matches_peft_autocast_adapter_dtype(tmp_path, autocast):
+    """A bf16 Llama: LoRA factors are float32 by default (bf16 with autocast_adapter_dtype=False),
+    as PEFT's get_peft_model makes them; forward equals PEFT's bit for bit (scale 1, so the
+    scale's place in the branch does not round differently), the saved adapter holds that dtype,
+    PEFT and graphlora load it back into it, and merging gives PEFT's merged weights."""
+    from safetensors import safe_open
+
+    model = _bf16_llama()
+    x = ids(vocab=128)
+    rules = [LoraRule(r".*(q_proj|v_proj)", rank=4, alpha=4.0)]
+    lm = graphlora.transform(model, rules, (x,), {"use_cache": False}, autocast_adapter_dtype=autocast)
+    want = torch.float32 if autocast else torch.bfloat16
+    assert {p.dtype for p in lm.lora_parameters()} == {want}
+    _randomize(lm.named_lora_parameters(), seed=2, std=0.1)
+    lm.save_pretrained(tmp_path, only_save_adapters=True)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {want}
+
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path,
+                                                autocast_adapter_dtype=autocast).eval()
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {want}
+    with torch.no_grad():
+        expected = peft_model(input_ids=x, use_cache=False).logits
+        with canonical_execution(lm):
+            got = lm(x).logits
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+    again = graphlora.load_adapter(model, tmp_path, example_args=(x,), example_kwargs={"use_cache": False},
+                                   autocast_adapter_dtype=autocast)
+    assert {p.dtype for p in again.lora_parameters()} == {want}
+    with torch.no_grad(), canonical_execution(again):
+        assert torch.equal(again(x).logits, got)
+
+    merged = lm.merge().state_dict()
+    peft_merged = peft_model.merge_and_unload().state_dict()
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"):
+        assert merged[key].dtype == torch.bfloat16
+        if autocast:  # both fold the float32 delta into the bf16 weight, rounding once
+            assert torch.equal(merged[key], peft_merged[key]), key
+        else:  # PEFT rounds B @ A to bf16 before adding, graphlora adds the float32 product
+            torch.testing.assert_close(merged[key], peft_merged[key], rtol=0, atol=2e-2)
+
+
+def test_bf16_llama_trains_float32_factors():
+    """Gradients reach the float32 factors through the casts, and an optimizer step keeps
+    updates that factors stored in bf16 (8 significant bits) would round away."""
+    model = _bf16_llama()
+    x = ids(vocab=128)
+    lm = graphlora.transform(model, [LoraRule(r".*_proj", rank=4)], (x,), {"use_cache": False})
+    _randomize(lm.named_lora_parameters(), seed=3, std=0.1)
+    lm.train()
+    before = {n: p.detach().clone() for n, p in lm.named_lora_parameters()}
+    optimizer = torch.optim.SGD(lm.lora_parameters(), lr=1e-3)
+    lm(x).logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lm.lora_parameters())
+    optimizer.step()
+    kept = lost = 0
+    for name, p in lm.named_lora_parameters():
+        moved = p.detach() != before[name]
+        in_bf16 = p.detach().bfloat16() != before[name].bfloat16()
+        kept += int(moved.sum())
+        lost += int((moved & ~in_bf16).sum())
+    assert kept > 0.9 * sum(p.numel() for p in lm.lora_parameters())
+    assert lost > 0.5 * kept  # most of these updates do not survive a bf16 store

@@ -41,6 +41,7 @@ def load_adapter(
     method: TraceMethod = "export",
     subfolder: str | None = None,
     activate: bool | None = None,
+    autocast_adapter_dtype: bool = True,
 ) -> LoraModel:
     """Load a PEFT LoRA adapter (saved by graphlora or PEFT) as ``adapter_name``; return the model.
 
@@ -50,7 +51,9 @@ def load_adapter(
     linear layer of the graph, also ones no rule of the LoraModel matched. An existing adapter of
     the same name is replaced. ``activate``: ``None`` activates the loaded adapter when the model
     had none active or it replaces an active one (PEFT's ``load_adapter`` leaves others active),
-    ``True``/``False`` force it.
+    ``True``/``False`` force it. ``autocast_adapter_dtype`` (PEFT's option): on a
+    float16/bfloat16 base the factors are float32 (the file's values cast to them), as PEFT's
+    ``PeftModel.from_pretrained`` loads them by default; ``False`` keeps the base's dtype.
 
     Everything is checked before the model changes: the files (:func:`read_adapter`: missing
     files, ``peft_type``, DoRA and other variants, corrupt weights), that every target is a linear
@@ -64,7 +67,7 @@ def load_adapter(
         activate = True if activate is None else activate
     sites = _sites_by_path(model)
     _check_fit(adapter, sites, path)
-    _install(model, adapter, adapter_name, sites, activate)
+    _install(model, adapter, adapter_name, sites, activate, autocast_adapter_dtype)
     return model
 
 
@@ -146,10 +149,12 @@ def _install(
     name: str,
     sites: Mapping[str, list[LinearSite]],
     activate: bool | None,
+    autocast_dtype: bool = True,
 ) -> None:
     """Create the adapter on the model (tagging untagged sites first) and copy its weights in."""
     specs = {
-        p: LoraSpec(rank=m.rank, alpha=float(m.alpha), dropout=adapter.lora_dropout, use_rslora=m.use_rslora)
+        p: LoraSpec(rank=m.rank, alpha=float(m.alpha), dropout=adapter.lora_dropout, use_rslora=m.use_rslora,
+                    autocast_dtype=autocast_dtype)
         for p, m in adapter.modules.items()
     }
     previous = model.active_adapters

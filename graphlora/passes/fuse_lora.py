@@ -11,7 +11,9 @@ the batch has many tokens. Autograd through that form would compute the full wei
 Per site that saves two small GEMMs and two elementwise passes over the activations, in forward
 and backward. Like sibling fusion this is an *execution* rewrite, applied to the copy of the graph
 :class:`~graphlora.LoraModel` runs, never to the canonical graph. Sites with LoRA dropout are left
-alone (dropout applies to the branch's input only, which the effective weight cannot express).
+alone (dropout applies to the branch's input only, which the effective weight cannot express),
+and so are mixed-precision branches (float32 factors on a half-precision base), whose base and
+delta are computed in different dtypes.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ def _fusable(br: LoraBranch) -> bool:
     """A standard branch straight on an ``aten.linear`` site: nothing between its ops (no dropout,
     no quantizer), it alone reads the site's output, and it reads the site's own input."""
     base, a, scale, b = br.site.node, br.a, br.scale, br.b
-    if not br.standard or scale is None or br.dropout is not None:
-        return False
+    if not br.standard or scale is None or br.dropout is not None or br.mixed_precision:
+        return False  # (float32 factors on a bf16 base: one effective weight has no one dtype)
     if br.add.args[1] is not b or b.args[0] is not scale or scale.args[0] is not a:
         return False
     if not isinstance(scale.args[1], float):

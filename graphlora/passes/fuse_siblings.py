@@ -165,6 +165,22 @@ def _fuse(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], has_bias: bool) 
     _replace(graph, nodes, pieces)
 
 
+def _share_input_casts(graph: fx.Graph) -> None:
+    """One cast per (input, dtype): mixed-precision branches of sibling sites (q/k/v on a bf16
+    base, float32 factors) each cast the same input up; sharing the first cast lets their
+    ``A`` matrices read one node, so they fuse like same-precision siblings do."""
+    first: dict[tuple, fx.Node] = {}
+    for node in list(graph.nodes):
+        if meta.role(node) != "lora_cast_in":
+            continue
+        key = (node.args[0], node.kwargs.get("dtype"))
+        if key in first:
+            node.replace_all_uses_with(first[key])
+            graph.erase_node(node)
+        else:
+            first[key] = node
+
+
 def fused_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule running ``gm``'s graph with sibling linears fused.
 
@@ -185,6 +201,7 @@ def fused_copy(gm: fx.GraphModule) -> fx.GraphModule:
     fused.meta = gm.meta
     from graphlora.passes.fuse_lora import FuseLoraLinearPass
 
+    _share_input_casts(fused.graph)
     FuseLoraLinearPass()(fused)
     FuseSiblingLinearsPass()(fused)
     fused.graph.lint()
