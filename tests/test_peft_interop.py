@@ -312,6 +312,7 @@ def _safetensors_keys(directory, name="model.safetensors") -> list[str]:
         return sorted(f.keys())
 
 
+@pytest.mark.slow
 def test_tied_lm_head_is_saved_once_like_transformers(tmp_path):
     """Llama with tie_word_embeddings: transformers' save_pretrained leaves lm_head.weight out
     (from_pretrained ties it again); graphlora's base, merged and keep-quantized saves do too
@@ -424,6 +425,7 @@ def test_bf16_llama_lora_dtype_matches_peft_autocast_adapter_dtype(tmp_path, aut
             torch.testing.assert_close(merged[key], peft_merged[key], rtol=0, atol=2e-2)
 
 
+@pytest.mark.slow
 def test_bf16_llama_trains_float32_factors():
     """Gradients reach the float32 factors through the casts, and an optimizer step keeps
     updates that factors stored in bf16 (8 significant bits) would round away."""
