@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import graphlora
-from graphlora import LoraRule
+from graphlora import LoraRule, meta
 from toy_models import canonical_execution
 from toy_models import ids
 
@@ -408,6 +408,12 @@ def test_bf16_llama_lora_dtype_matches_peft_autocast_adapter_dtype(tmp_path, aut
         with canonical_execution(lm):
             got = lm(x).logits
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    # the fused execution: q and v cast their shared input once, so their A matrices still fuse
+    casts = [n for n in lm._executable().graph.nodes if meta.role(n) == "lora_cast_in"]
+    assert len(casts) == (1 if autocast else 0)
+    with torch.no_grad():
+        fused = lm(x).logits
+    assert (fused.float() - expected.float()).abs().max() <= 1e-2 * expected.float().abs().max()
 
     again = graphlora.load_adapter(model, tmp_path, example_args=(x,), example_kwargs={"use_cache": False},
                                    autocast_adapter_dtype=autocast)
