@@ -314,6 +314,25 @@ def test_nf4_group_size_without_onnx_form_is_refused_at_transform():
     assert [s.weight_qtype for s in lm.sites] == ["nf4"]
 
 
+def test_nf4_weight_read_in_both_orientations_is_refused_at_transform():
+    """``(x @ w.T) @ w``: the second use reads the NF4 blocks along its output features, which
+    MatMulBnb4 cannot; transform names the use. int4 (QDQ) quantizes the same weight fine."""
+
+    class BothWays(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(32, 32) * 0.1)
+
+        def forward(self, x):
+            return (x @ self.w.T) @ self.w
+
+    x = torch.randn(2, 32)
+    with pytest.raises(graphlora.RuleError, match=r"site 'w#1' reads its weight transposed.*int4"):
+        graphlora.transform(BothWays(), [graphlora.QuantRule(".*", weight_qtype="nf4", group_size=16)], (x,))
+    lm = graphlora.transform(BothWays(), [graphlora.QuantRule(".*", weight_qtype="int4", group_size=16)], (x,))
+    assert [s.weight_qtype for s in lm.sites] == ["int4", "int4"]
+
+
 def test_fp8_weights_are_stored_as_float8(tmp_path):
     torch.manual_seed(0)
     lm = graphlora.transform(MLP((16, 32, 8)).eval(), graphlora.LoraRule(".*", rank=2),

@@ -89,5 +89,12 @@ def _export_problem(rule: QuantRule, site: LinearSite) -> str | None:
     """Why ``rule``'s weight quantization of ``site`` could not be exported to ONNX, or None."""
     if rule.weight_qtype != "nf4":
         return None
+    if site.spec.use_layout != site.spec.param_layout:
+        return (
+            f"site {site.spec.key!r} reads its weight transposed (the weight is also used the other "
+            "way round), so its NF4 blocks would run along the output features; onnxruntime's "
+            "MatMulBnb4 (the only kernel that reads NF4) needs them along the input features of "
+            "every use. Quantize this weight with int4/uint4 (QDQ reads either orientation)"
+        )
     problem = bnb_block_problem(rule.group_size, site.spec.in_features)
     return None if problem is None else f"site {site.module_path!r}: {problem}"
