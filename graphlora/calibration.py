@@ -14,9 +14,11 @@ from typing import Any, Iterable
 import torch
 
 from graphlora import batches as batch_feed
+from graphlora import meta
 from graphlora.collectives import is_initialized, sync_stats
 from graphlora.errors import CalibrationError
 from graphlora.passes.observers import (
+    OBSERVER_ROOT,
     FreezeObserversPass,
     InsertObserversPass,
     QuantizeLoraWeightsPass,
@@ -90,9 +92,6 @@ def calibrate(
 
 def _drop_observers(gm) -> None:
     """On failure, leave the graph as it was before calibration (no observers behind)."""
-    from graphlora import meta
-    from graphlora.passes.observers import OBSERVER_ROOT
-
     for node in [n for n in gm.graph.nodes if meta.role(n) == "observer"]:
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Sequence
 
 from graphlora.errors import RuleError
+from graphlora.quant.qtypes import check_qtype_use
 from graphlora.quant.weight_methods import WeightMethod, weight_method, weight_method_names
 from graphlora.scaling import lora_scale
 
@@ -186,8 +187,6 @@ def validate_rule(index: int, rule: QuantRule) -> None:
 def _check_qtype(where: str, field_name: str, qtype: str | None, usage: str) -> None:
     if qtype is None:
         return
-    from graphlora.quant.qtypes import check_qtype_use
-
     try:
         check_qtype_use(qtype, usage)
     except Exception as exc:
