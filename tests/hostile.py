@@ -1,9 +1,9 @@
 """Building blocks of the hostile-input suite (tests/test_hostile_*.py, issue 17).
 
 * pickles and archives armed with a payload that writes a marker file when unpickled — the tests
-  first prove (in a child process) that the plain loader *does* run it, then that graphlora's
-  readers never do;
-* a child process that crashes (``os._exit``) right before or after the n-th rename of a save;
+  first prove that the plain loader *does* run it, then that graphlora's readers never do;
+* a forked child that crashes (``os._exit``) right before or after the n-th rename of a save, and
+  forked writers running at the same time;
 * small helpers to list hidden leftovers next to a target.
 """
 
@@ -12,15 +12,11 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import torch
 from test_io_atomic import snapshot as tree  # noqa: F401 - every entry under a directory
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class Payload:
@@ -47,38 +43,23 @@ def armed_pickle(marker: Path) -> bytes:
 def armed_pt2(path: Path, marker: Path) -> Path:
     """A real ``torch.export.save`` archive of a tiny module whose first weight is replaced by a
     pickle that writes ``marker`` (the archive format allows pickled weights: ``use_pickle``)."""
-    module = torch.nn.Linear(2, 2)
-    program = torch.export.export(module, (torch.randn(1, 2),), strict=False)
+    program = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),), strict=False)
     clean = path.with_name(path.name + ".clean")
     torch.export.save(program, clean)
-    with zipfile.ZipFile(clean) as src, zipfile.ZipFile(path, "w") as dst:
-        for info in src.infolist():
-            data = src.read(info.filename)
-            if info.filename.endswith("weights/model_weights_config.json"):
-                config = json.loads(data)
-                first = next(iter(config["config"].values()))
-                first["use_pickle"] = True
-                target = first["path_name"]
-                data = json.dumps(config).encode()
-            dst.writestr(info, data)
-        names = dst.namelist()
-    # rewrite the weight payload (zip entries cannot be replaced in place: rebuild once more)
-    with zipfile.ZipFile(path) as src:
-        entries = [(i, src.read(i.filename)) for i in src.infolist()]
+    with zipfile.ZipFile(clean) as src:
+        entries = [(info, src.read(info.filename)) for info in src.infolist()]
+    config = json.loads(next(data for info, data in entries if info.filename.endswith("model_weights_config.json")))
+    first = next(iter(config["config"].values()))
+    first["use_pickle"] = True
     with zipfile.ZipFile(path, "w") as dst:
         for info, data in entries:
-            if info.filename.endswith(f"weights/{target}"):
+            if info.filename.endswith("model_weights_config.json"):
+                data = json.dumps(config).encode()
+            elif info.filename.endswith(f"weights/{first['path_name']}"):
                 data = armed_pickle(marker)
             dst.writestr(info, data)
     clean.unlink()
-    assert names
     return path
-
-
-def run_python(code: str, *, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter with this checkout importable."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def leftovers(parent: Path) -> list[str]:

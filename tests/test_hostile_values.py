@@ -110,15 +110,14 @@ def test_infinite_alpha_in_a_rules_file_names_the_file():
         (lambda t: t.to(torch.complex64), "dtype complex64"),
     ],
 )
-def test_bad_lora_factors_in_an_adapter_file(adapter_dir, value, needle):
+def test_bad_lora_factors_in_an_adapter_file(lm, adapter_dir, value, needle):
     key = "base_model.model.layers.0.lora_A.weight"
     edit_weights(adapter_dir, lambda t: {**t, key: value(t[key])})
     with pytest.raises(FileFormatError, match=rf"adapter_model\.safetensors: {key}.*{needle}"):
         read_adapter(adapter_dir)
-    model = graphlora.transform(MLP(), RULES, (X,))
     with pytest.raises(FileFormatError):
-        graphlora.load_adapter(model, adapter_dir, adapter_name="other")
-    assert list(model.adapters) == ["default"]  # nothing half-installed
+        graphlora.load_adapter(lm, adapter_dir, adapter_name="other")
+    assert list(lm.adapters) == ["default"]  # nothing half-installed
 
 
 def test_half_precision_factors_are_fine(adapter_dir):
@@ -162,7 +161,7 @@ def test_bad_adapter_names_are_refused_everywhere(lm, saved, name):
     assert list(lm.adapters) == ["default"]
 
 
-@pytest.mark.parametrize("name", ["default", "legal_v2", "fr-FR", "Zusammenfassung", "ä", "_x", "x" * 100])
+@pytest.mark.parametrize("name", ["legal_v2", "fr-FR", "ä", "x" * 100])
 def test_good_adapter_names_save_and_load(lm, tmp_path, name):
     model = graphlora.transform(MLP(), RULES, (X,), adapter_name=name)
     assert sum(p.numel() for p in model.lora_parameters()) > 0  # "a.b" used to give zero parameters

@@ -36,12 +36,20 @@ pytestmark = [
 USER_FILES = {"tokenizer.json": b'{"model": "mine"}', "README.md": b"# my notes\n"}
 
 
-def modules(seed: int) -> list[LoraModule]:
+def _modules(seed: int) -> list[LoraModule]:
     g = torch.Generator().manual_seed(seed)
     return [
         LoraModule(p, 2, 4.0, torch.randn(2, 8, generator=g), torch.randn(4, 2, generator=g))
         for p in ("layers.0", "layers.1")
     ]
+
+
+# computed once, in this process: forked children only write files (no torch compute after fork)
+_VERSIONS = {seed: _modules(seed) for seed in range(6)}
+
+
+def modules(seed: int) -> list[LoraModule]:
+    return _VERSIONS[seed]
 
 
 def version_of(directory: Path) -> int | None:
@@ -50,7 +58,7 @@ def version_of(directory: Path) -> int | None:
         adapter = read_adapter(directory)
     except graphlora.GraphloraError:
         return None
-    for seed in range(10):
+    for seed in _VERSIONS:
         if all(torch.equal(adapter.modules[m.path].lora_A, m.lora_A) for m in modules(seed)):
             return seed
     return None

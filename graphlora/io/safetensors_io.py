@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 
 from graphlora.errors import AdapterError, FileFormatError, InputError
-from graphlora.io.atomic import atomic_directory, atomic_path, atomic_write
+from graphlora.io.atomic import TargetNotADirectoryError, atomic_directory, atomic_path, atomic_write
 from graphlora.io.json_file import read_json
 
 __all__ = [
@@ -296,7 +296,7 @@ def write_state_dict(
         raise ValueError(f"weights_name must end in .safetensors, got {weights_name!r}")
     root = Path(directory)
     if not root.is_dir():
-        raise NotADirectoryError(f"{root} is not a directory")
+        raise TargetNotADirectoryError(f"{root} is not a directory")
     prepared, dropped = _prepare(state_dict, shared, drop)
     sizes = {key: _nbytes(t) for key, t in prepared.items()}
     plan = plan_shards(sizes, max_shard_size, weights_name)
