@@ -28,6 +28,7 @@ from graphlora.passes.observers import (
 )
 from graphlora.quant import Encoding
 from graphlora.sites import tagged_sites
+from graphlora.validate import check_count
 
 
 def calibrate(
@@ -46,6 +47,7 @@ def calibrate(
     ``"all"``. Tensors that already have an encoding keep it unless ``recalibrate=True``.
     Returns the encodings computed by this call, by tensor name.
     """
+    check_count(num_batches, "calibrate(num_batches=...)", optional=True)
     gm = model.graph_module
     if recalibrate:
         remove_fake_quant(gm, targets)
