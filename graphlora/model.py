@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 from graphlora.sites import tagged_sites
 from graphlora.trace import accept_natural_calls
 from graphlora.training_mode import set_module_flags, set_training_flags
+from graphlora.validate import check_adapter_name, check_lora_factor
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class LoraModel(nn.Module):
             return self._executable()(*args, **kwargs)
         except Exception as exc:
             explained = _explain_input_error(exc)
+            if explained is exc and call is not None:
+                explained = call.explain_failure(args, kwargs) or exc
             if explained is exc:
                 raise
             raise explained from exc
@@ -163,7 +166,8 @@ class LoraModel(nn.Module):
         """Copy LoRA weights in (PEFT names, with or without ``base_model.model.``)."""
         name = self._resolve_adapter(adapter)
         own = dict(self.named_lora_parameters(name))
-        given = {_strip_peft_prefix(k): v for k, v in state_dict.items()}
+        given = {_strip_peft_prefix(k): check_lora_factor(v, k, source=f"LoRA state dict for {name!r}")
+                 for k, v in state_dict.items()}
         missing = sorted(set(own) - set(given))
         unexpected = sorted(set(given) - set(own))
         wrong = [
@@ -228,6 +232,7 @@ class LoraModel(nn.Module):
         layers than the rules did); they are tagged with a rule selecting exactly them, appended
         after the user's rules so first-match-wins still describes the model.
         """
+        check_adapter_name(name)
         if name in self._adapters:
             raise AdapterError(f"adapter {name!r} already exists; delete it first or pick another name")
         self._tag_unmatched_sites(specs)

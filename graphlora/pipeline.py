@@ -8,8 +8,8 @@ from typing import Any, Iterable
 import torch.fx as fx
 import torch.nn as nn
 
-from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec
-from graphlora.errors import TraceError
+from graphlora.adapters import ADAPTERS_ROOT, DEFAULT_ADAPTER, LoraSpec
+from graphlora.errors import InputError, TraceError
 from graphlora.model import LoraModel
 from graphlora.passes.base import GraphPass, PassPipeline
 from graphlora.passes.insert_lora import InsertLoraPass
@@ -18,6 +18,7 @@ from graphlora.passes.match_rules import MatchRulesPass
 from graphlora.rules import LoraRule, QuantRule, normalize_rules
 from graphlora.sites import tagged_sites
 from graphlora.trace import TraceMethod, trace
+from graphlora.validate import check_adapter_name
 
 
 def lora_specs_from_rules(gm: fx.GraphModule, autocast_dtype: bool = True) -> dict[str, LoraSpec]:
@@ -111,6 +112,14 @@ def transform(
     rules = normalize_rules(rules)
     if not isinstance(model, nn.Module):
         raise TraceError(f"transform() needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, LoraModel) or ADAPTERS_ROOT in model._modules:
+        raise InputError(
+            f"transform() got a model graphlora already transformed ({type(model).__name__}); tracing its "
+            "graph again would find no layers to match. Add LoRA to it with model.add_adapter(...) or "
+            "graphlora.load_adapter(model, ...), quantize it with graphlora.qw_lora(model), or transform "
+            "the original nn.Module"
+        )
+    check_adapter_name(adapter_name, where="adapter_name")
     gm = trace(model, example_args, example_kwargs, method=method)
     passes = build_passes(
         rules,

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from graphlora import meta
 from graphlora.errors import InputError, TraceError
+from graphlora.sites import functionalize_linear_modules
 
 TraceMethod = Literal["export", "symbolic"]
 
@@ -182,11 +183,21 @@ class CallSpec:
     into the traced structure; baked-in constants may be omitted and are checked when given.
     """
 
-    def __init__(self, signature: inspect.Signature | None, positional: list[str], keywords: list[str], constants: dict[str, Any]):
+    def __init__(
+        self,
+        signature: inspect.Signature | None,
+        positional: list[str],
+        keywords: list[str],
+        constants: dict[str, Any],
+        tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None,
+    ):
         self.signature = signature
         self.positional = positional
         self.keywords = keywords
         self.constants = constants
+        #: dtype and shape of every tensor input of the example, by argument name (``#i`` for
+        #: positional arguments without a name): calls are checked against them.
+        self.tensors = dict(tensors or {})
 
     @classmethod
     def from_example(cls, model: nn.Module, args: tuple, kwargs: dict) -> "CallSpec":
@@ -201,7 +212,45 @@ class CallSpec:
         ]
         positional = names[: len(args)] if len(names) >= len(args) else []
         constants = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))}
-        return cls(sig, positional, list(kwargs), constants)
+        tensors = {
+            name: (value.dtype, tuple(value.shape))
+            for name, value in [*_arg_names(args, positional), *kwargs.items()]
+            if isinstance(value, torch.Tensor)
+        }
+        return cls(sig, positional, list(kwargs), constants, tensors)
+
+    def check(self, args: tuple, kwargs: dict) -> None:
+        """Refuse a call whose tensor inputs are not tensors, or not of the traced rank (both
+        would fail deep inside the graph with an IndexError or AttributeError)."""
+        for name, value in [*_arg_names(args, self.positional), *kwargs.items()]:
+            traced = self.tensors.get(name)
+            if traced is None:
+                continue
+            dtype, shape = traced
+            what = f"a {_dtype(dtype)} tensor of shape {list(shape)}"
+            if not isinstance(value, torch.Tensor):
+                raise InputError(
+                    f"argument {name} must be a torch.Tensor (the graph was traced with {what}), got "
+                    f"{type(value).__name__}; convert it, e.g. torch.as_tensor(...)"
+                )
+            if value.dim() != len(shape):
+                raise InputError(
+                    f"argument {name} has {value.dim()} dimension(s), shape {list(value.shape)}; the graph "
+                    f"was traced with {what}, and a traced graph keeps the rank of every input"
+                )
+
+    def explain_failure(self, args: tuple, kwargs: dict) -> InputError | None:
+        """After the graph failed on a call: an InputError naming a tensor input whose dtype
+        differs from the traced one (the likely cause), or None."""
+        for name, value in [*_arg_names(args, self.positional), *kwargs.items()]:
+            traced = self.tensors.get(name)
+            if traced is not None and isinstance(value, torch.Tensor) and value.dtype != traced[0]:
+                return InputError(
+                    f"argument {name} is {_dtype(value.dtype)} but the graph was traced with "
+                    f"{_dtype(traced[0])}, and running it failed; cast the input "
+                    f"(e.g. x.to(torch.{_dtype(traced[0])})) or trace with an example of this dtype"
+                )
+        return None
 
     def normalize(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         for name, traced in self.constants.items():
@@ -216,6 +265,7 @@ class CallSpec:
             len(args) == len(self.positional) and set(kwargs) <= set(self.keywords)
         ):
             merged = {**self.constants, **kwargs}
+            self.check(args, kwargs)
             return args, {k: merged[k] for k in self.keywords if k in merged}
         try:
             bound = self.signature.bind(*args, **kwargs).arguments
@@ -237,7 +287,16 @@ class CallSpec:
                 new_kwargs[k] = bound[k]
             elif k in self.constants:
                 new_kwargs[k] = self.constants[k]
+        self.check(new_args, new_kwargs)
         return new_args, new_kwargs
+
+
+def _arg_names(args: tuple, names: list[str]) -> list[tuple[str, Any]]:
+    return [(names[i] if i < len(names) else f"#{i}", value) for i, value in enumerate(args)]
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def accept_natural_calls(gm: fx.GraphModule) -> fx.GraphModule:
@@ -271,8 +330,6 @@ def _trace_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
     gm.train(model.training)
     _freeze_parameters(gm)
     gm.meta[meta.STATE_KEYS_KEY] = list(model.state_dict().keys())
-    from graphlora.sites import functionalize_linear_modules
-
     functionalize_linear_modules(gm)
     if args or kwargs:
         _propagate_example_shapes(gm, args, kwargs)

@@ -27,6 +27,7 @@ from graphlora.passes.insert_lora import param_features
 from graphlora.pipeline import transform
 from graphlora.sites import LinearSite, find_linear_sites, tagged_sites
 from graphlora.trace import TraceMethod
+from graphlora.validate import check_adapter_name
 
 __all__ = ["load_adapter"]
 
@@ -41,6 +42,7 @@ def load_adapter(
     method: TraceMethod = "export",
     subfolder: str | None = None,
     activate: bool | None = None,
+    allow_pickle: bool = False,
     autocast_adapter_dtype: bool = True,
 ) -> LoraModel:
     """Load a PEFT LoRA adapter (saved by graphlora or PEFT) as ``adapter_name``; return the model.
@@ -55,13 +57,16 @@ def load_adapter(
     float16/bfloat16 base the factors are float32 (the file's values cast to them), as PEFT's
     ``PeftModel.from_pretrained`` loads them by default; ``False`` keeps the base's dtype.
 
-    Everything is checked before the model changes: the files (:func:`read_adapter`: missing
-    files, ``peft_type``, DoRA and other variants, corrupt weights), that every target is a linear
-    layer of the model, and every factor's shape (the first offending keys with expected shapes).
+    Everything is checked before the model changes: the adapter name, the files
+    (:func:`read_adapter`: missing files, ``peft_type``, DoRA and other variants, corrupt,
+    non-finite or non-float weights), that every target is a linear layer of the model, and every
+    factor's shape (the first offending keys with expected shapes). A legacy pickled
+    ``adapter_model.bin`` is only read with ``allow_pickle=True`` (docs/security.md).
     """
+    check_adapter_name(adapter_name)
     path = resolve_adapter_dir(adapter_dir, adapter_name, subfolder)
     _refuse_model_checkpoint(path)
-    adapter = read_adapter(path)
+    adapter = read_adapter(path, allow_pickle=allow_pickle)
     if not isinstance(model, LoraModel):
         model = _trace_for_adapter(model, example_args, example_kwargs, method, path)
         activate = True if activate is None else activate

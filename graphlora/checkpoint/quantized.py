@@ -43,8 +43,10 @@ import torch.fx as fx
 from graphlora import meta
 from graphlora.checkpoint.layout import ADAPTERS_SUBDIR, QUANT_CONFIG_NAME, QUANT_WEIGHTS_NAME
 from graphlora.checkpoint.loading import load_adapter
-from graphlora.errors import FileFormatError
+from graphlora.errors import FileFormatError, QuantizationError, first_few
 from graphlora.graph_utils import is_own
+from graphlora.io.encodings_file import encoding_from_entry
+from graphlora.io.json_file import expect, read_json
 from graphlora.io.peft_config import ADAPTER_CONFIG_NAME
 from graphlora.io.safetensors_io import SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, load_state_dict
 from graphlora.model import LoraModel
@@ -115,6 +117,24 @@ def quantized_state(
     return tensors, config
 
 
+def _check_config(config: Any, path: Path) -> dict[str, Any]:
+    """The ``weights`` entries of a quantization config whose top level has the right shape."""
+    where = str(path)
+    if not isinstance(config, dict):
+        raise FileFormatError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    if config.get("format") != FORMAT:
+        raise FileFormatError(f"{where}: format is {config.get('format')!r}, expected {FORMAT!r}")
+    version = expect(config, "version", "int", where)
+    if version != 1:
+        raise FileFormatError(f"{where}: version {version} is not supported (this graphlora reads version 1)")
+    expect(config, "rules", "list", where)
+    return expect(config, "weights", "object", where)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+
+
 def requantize_merged(gm: fx.GraphModule) -> None:
     """Quantize a merged graph's weights again, each with its site's rule (packed storage).
 
@@ -166,42 +186,52 @@ def load_quantized(
     """
     root = Path(directory)
     config_path = root / QUANT_CONFIG_NAME
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not config_path.exists():
         raise FileFormatError(
             f"{root} has no {QUANT_CONFIG_NAME}: it is not a keep_quantized save "
             "(load float checkpoints with from_pretrained / load_state_dict)"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise FileFormatError(f"{config_path} is not valid JSON (line {exc.lineno})") from None
-    if config.get("format") != FORMAT:
-        raise FileFormatError(f"{config_path}: format is {config.get('format')!r}, expected {FORMAT!r}")
+        )
+    config = read_json(config_path, what="a graphlora quantization config")
+    entries = _check_config(config, config_path)
     rules = rules_from_data({"rules": config["rules"]}, source=str(config_path))
     state = load_state_dict(root, weights_name=_weights_name(root))
     lm = transform(model, rules, example_args, example_kwargs, quantize_weights=False, **transform_kwargs)
     gm = lm.graph_module
     groups = groups_by_weight(tagged_sites(gm))
-    for name, entry in config["weights"].items():
+    for name, entry in entries.items():
         if name not in groups:
             raise FileFormatError(f"{config_path}: quantized weight {name!r} is not a linear site of this model")
         key = name + CODES_SUFFIX
         if key not in state:
             raise FileFormatError(f"{root}: the codes of {name!r} ({key}) are missing")
-        encoding = Encoding.from_dict(entry)
-        codes = encoding.unpack(state.pop(key))
-        install_encoding(gm, groups[name], encoding, "packed", codes=codes, method="loaded")
+        where = f"{config_path}: weights[{name!r}]"
+        encoding = encoding_from_entry(entry, where)
+        spec = groups[name][0].spec
+        want = (spec.out_features, spec.in_features) if spec.param_layout == "out_in" else (
+            spec.in_features, spec.out_features)
+        if tuple(encoding.shape) != want:
+            raise FileFormatError(f"{where}: the encoding is for shape {list(encoding.shape)}, the "
+                                  f"model's weight has shape {list(want)}")
+        try:
+            codes = encoding.unpack(state.pop(key))
+            install_encoding(gm, groups[name], encoding, "packed", codes=codes, method="loaded")
+        except QuantizationError as exc:
+            raise FileFormatError(f"{root}: the codes of {name!r} ({key}) do not fit its encoding: {exc}") from None
         groups = groups_by_weight(tagged_sites(gm))
-    own = dict(gm.state_dict())
+    own = {k: v for k, v in gm.state_dict().items() if not is_own(k)}
     unexpected = sorted(k for k in state if k not in own)
     if unexpected:
         raise FileFormatError(f"{root}: tensors that do not belong to this model: {', '.join(unexpected[:5])}")
     missing = _missing(own, state)
     if missing:
         raise FileFormatError(
-            f"{root}: tensors of this model missing from the checkpoint (they would keep the "
-            f"model's own values): {', '.join(missing[:5])}"
+            f"{root}: the checkpoint lacks {len(missing)} tensor(s) of this model: {first_few(missing)}; "
+            "a keep_quantized save holds every tensor of the base (saved from another model, or truncated?)"
         )
+    wrong = [f"{k}: saved {_describe(state[k])}, model {_describe(own[k])}" for k in own
+             if k in state and (state[k].shape != own[k].shape or state[k].dtype != own[k].dtype)]
+    if wrong:
+        raise FileFormatError(f"{root}: tensor(s) of another shape or dtype than the model's: {'; '.join(wrong[:5])}")
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v)

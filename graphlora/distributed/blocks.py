@@ -7,13 +7,13 @@ tree and ordered by where the graph first runs code in them.
 
 from __future__ import annotations
 
-import re
-
 from torch import fx, nn
 
 from graphlora import meta
+from graphlora.errors import InputError
 from graphlora.graph_utils import is_own
 from graphlora.model import LoraModel
+from graphlora.patterns import PatternSet
 
 __all__ = ["find_transformer_blocks", "node_path"]
 
@@ -30,7 +30,7 @@ def find_transformer_blocks(model: LoraModel | fx.GraphModule, pattern: str | No
     gm = model.graph_module if isinstance(model, LoraModel) else model
     names = {name for name, _ in gm.named_modules() if name and not is_own(name)}
     if pattern is not None:
-        rx = re.compile(pattern)
+        rx = PatternSet("find_transformer_blocks", error=InputError).compile(pattern, "pattern")
         chosen = [n for n in names if rx.fullmatch(n)]
         chosen = [n for n in chosen if not any(n.startswith(o + ".") for o in chosen if o != n)]
     else:

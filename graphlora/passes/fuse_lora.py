@@ -37,8 +37,16 @@ def lora_linear(
     scale: float,
 ) -> torch.Tensor:
     """``linear(x, weight, bias) + scale * linear(linear(x, lora_a), lora_b)``, in one GEMM."""
-    effective = torch.addmm(weight, lora_b, lora_a, alpha=scale)
+    effective = _effective_weight(weight, lora_a, lora_b, scale)
     return torch.nn.functional.linear(x, effective, bias)
+
+
+def _effective_weight(weight, lora_a, lora_b, scale):
+    """``W + scale B A`` in ``W``'s memory layout: a Conv1D weight read transposed stays so, and
+    the GEMM sums as the model's own op did (bit for bit while B = 0)."""
+    if weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) != 1:
+        return torch.addmm(weight.t(), lora_a.t(), lora_b.t(), alpha=scale).t()
+    return torch.addmm(weight, lora_b, lora_a, alpha=scale)
 
 
 @lora_linear.register_fake
@@ -60,7 +68,7 @@ def _backward(ctx, grad):
     x2 = x.reshape(-1, x.shape[-1])
     dx = dbias = da = db = None
     if need_x:
-        effective = torch.addmm(weight, lora_b, lora_a, alpha=s)
+        effective = _effective_weight(weight, lora_a, lora_b, s)
         dx = (g2 @ effective).reshape(x.shape)
     if need_bias:
         dbias = g2.sum(0)

@@ -182,7 +182,8 @@ def _share_input_casts(graph: fx.Graph) -> None:
 
 
 def fused_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule running ``gm``'s graph with sibling linears fused.
+    """A GraphModule running ``gm``'s graph with its sites fused: each with its LoRA branch, and
+    siblings that read one input into one GEMM, whatever op spelled the site in the model.
 
     The copy references ``gm``'s own submodules and tensors (``fx.GraphModule(root, graph)`` takes
     attributes by reference), so parameters, buffers and observers are shared, not duplicated:
@@ -199,8 +200,10 @@ def fused_copy(gm: fx.GraphModule) -> fx.GraphModule:
     graph.output(out)
     fused = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     fused.meta = gm.meta
+    from graphlora.passes.canonical_linear import CanonicalLinearPass
     from graphlora.passes.fuse_lora import FuseLoraLinearPass
 
+    CanonicalLinearPass()(fused)  # every site as aten.linear, the one op the fusions match
     _share_input_casts(fused.graph)
     FuseLoraLinearPass()(fused)
     FuseSiblingLinearsPass()(fused)

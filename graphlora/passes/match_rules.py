@@ -20,7 +20,7 @@ from graphlora import meta
 from graphlora.errors import GraphloraWarning, RuleError
 from graphlora.passes.base import GraphPass, PassResult
 from graphlora.quant.bnb_blocks import bnb_block_problem
-from graphlora.rules import QuantRule, RuleMatch, first_match, rule_name
+from graphlora.rules import QuantRule, RuleMatch, RuleMatcher, rule_name
 from graphlora.sites import LinearSite, find_linear_sites
 
 
@@ -40,8 +40,9 @@ class MatchRulesPass(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         self.matched, self.unmatched, self.problems = [], [], []
         used: set[int] = set()
+        matcher = RuleMatcher(self.rules)
         for site in find_linear_sites(gm):
-            match = first_match(site.module_path, self.rules)
+            match = matcher.first(site.module_path)
             if match is None:
                 self.unmatched.append(site)
                 continue
