@@ -98,6 +98,18 @@ def render(m: dict, results: dict) -> str:
         if "ratio_compiled" in r:
             out.append(f"| torch.compile, s/step | {_f(r['graphlora_compiled_s'])} | {_f(r['peft_compiled_s'])} | **{_f(r['ratio_compiled'], 2)}** |")
         out.append("")
+        if "gpt2_ratio_eager" in r:
+            out += [
+                "GPT-2 (`GPT2LMHeadModel` from a config: 4 layers, width 256, 256-byte vocabulary; `Conv1D` "
+                "sites), rank 16 on c_attn|c_proj|c_fc (PEFT with `fan_in_fan_out`), batch 16 x 64 bytes, "
+                "next-token loss, in the same run:",
+                "",
+                "| | graphlora | PEFT | ratio (goal <= 0.9) |",
+                "|---|---|---|---|",
+                f"| eager, s/step | {_f(r['gpt2_graphlora_eager_s'])} | {_f(r['gpt2_peft_eager_s'])} | **{_f(r['gpt2_ratio_eager'], 2)}** |",
+                f"| eager, execution fusion off | {_f(r['gpt2_graphlora_unfused_eager_s'])} | {_f(r['gpt2_peft_eager_s'])} | {_f(r['gpt2_ratio_eager_unfused'], 2)} |",
+                "",
+            ]
     r = results.get("grad_checkpointing")
     if r and "error" not in r:
         out += [

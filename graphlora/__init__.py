@@ -16,7 +16,9 @@ from graphlora.errors import (
     PassError,
     QuantizationError,
     RuleError,
+    SaveError,
     TraceError,
+    UnsafeFileError,
 )
 from graphlora.model import LoraModel, MatchedSite
 from graphlora.pipeline import transform
@@ -71,7 +73,9 @@ __all__ = [
     "QuantRule",
     "QuantizationError",
     "RuleError",
+    "SaveError",
     "TraceError",
+    "UnsafeFileError",
     "GraphDiff",
     "calibrate",
     "diff",

@@ -23,15 +23,38 @@ ADAPTERS_ROOT = "graphlora_adapters"
 DEFAULT_ADAPTER = "default"
 
 
+#: Base dtypes whose LoRA factors are created in float32 when autocasting (PEFT 0.21's
+#: ``cast_adapter_dtype``: float16, bfloat16 and the float8 types this torch has).
+UPCAST_DTYPES = frozenset(
+    {torch.float16, torch.bfloat16}
+    | {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2",
+                                          "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, name)}
+)
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast: bool = True) -> torch.dtype:
+    """The dtype new LoRA factors get on a base weight of ``base_dtype``: float32 for a
+    half-precision (or float8) base with ``autocast``, as PEFT's ``autocast_adapter_dtype=True``
+    (the default there too: small factors trained in bf16 lose most of their updates to
+    rounding), else the base's own dtype."""
+    return torch.float32 if autocast and base_dtype in UPCAST_DTYPES else base_dtype
+
+
 @dataclass(frozen=True)
 class LoraSpec:
-    """LoRA hyper-parameters of one module path in one adapter."""
+    """LoRA hyper-parameters of one module path in one adapter.
+
+    ``autocast_dtype``: new factors of a float16/bfloat16 base are float32 (see
+    :func:`adapter_dtype`); the branch then casts its input up and its sum back, as PEFT does.
+    ``False`` keeps them in the base's dtype.
+    """
 
     rank: int
     alpha: float
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "kaiming"
+    autocast_dtype: bool = True
 
     @property
     def scale(self) -> float:

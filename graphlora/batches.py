@@ -13,6 +13,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from graphlora.errors import InputError
+from graphlora.validate import check_count
 
 
 def call(model, batch: Any):
@@ -40,9 +41,16 @@ def iterate(
     progress: bool = True,
     desc: str = "batches",
 ) -> Iterator[Any]:
-    """Iterate ``batches`` (at most ``num_batches``), with a tqdm bar unless ``progress=False``."""
+    """Iterate ``batches`` (at most ``num_batches``), with a tqdm bar unless ``progress=False``.
+
+    The arguments are checked when this is called, not when iteration starts."""
     if batches is None:
         raise InputError(f"{desc}: no data given (batches is None)")
+    check_count(num_batches, "num_batches", optional=True)
+    return _iterate(batches, num_batches, progress, desc)
+
+
+def _iterate(batches: Iterable[Any], num_batches: int | None, progress: bool, desc: str) -> Iterator[Any]:
     total = num_batches
     if total is None:
         try:

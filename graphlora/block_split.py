@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import operator
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +23,9 @@ from torch import fx, nn
 
 from graphlora import meta
 from graphlora.adapters import ADAPTERS_ROOT
-from graphlora.errors import DistributedError
+from graphlora.errors import DistributedError, InputError
 from graphlora.graph_utils import is_own
+from graphlora.patterns import PatternSet
 
 __all__ = ["BlockIndex", "compile_graph", "find_transformer_blocks", "node_path", "split_graph"]
 
@@ -41,7 +41,7 @@ def find_transformer_blocks(gm: fx.GraphModule, pattern: str | None = None) -> l
     """
     names = {name for name, _ in gm.named_modules() if name and not is_own(name)}
     if pattern is not None:
-        rx = re.compile(pattern)
+        rx = PatternSet("find_transformer_blocks", error=InputError).compile(pattern, "pattern")
         chosen = [n for n in names if rx.fullmatch(n)]
         chosen = [n for n in chosen if not any(n.startswith(o + ".") for o in chosen if o != n)]
     else:

@@ -6,6 +6,10 @@
     add(base, a(scale(b(dropout(x)))))   transposed: x @ B, * s, @ A  (a use reading the
                                                      parameter in its other orientation)
 
+with, when the factors' dtype differs from the site's (float32 factors on a bfloat16 base, PEFT's
+``autocast_adapter_dtype``), ``x`` cast to the factors' dtype first (``lora_cast_in``) and the
+promoted sum cast back to the base output's dtype (``lora_cast_out``),
+
 and tags each of those nodes with its role, ``adapter``, ``module_path`` and ``site_key`` (the
 use's :attr:`~graphlora.sites.SiteSpec.key`). Quantization passes later put fake-quant nodes
 (observers while calibrating) on the branch input, the A/B weights and the rank-r activation;
@@ -32,7 +36,8 @@ from graphlora.sites import Layout, LinearSite, tagged_sites
 
 aten = torch.ops.aten
 
-LORA_ROLES = frozenset({"lora_a", "lora_b", "lora_dropout", "lora_scale", "lora_add", "lora_gate"})
+LORA_ROLES = frozenset({"lora_a", "lora_b", "lora_dropout", "lora_scale", "lora_add", "lora_gate",
+                        "lora_cast_in", "lora_cast_out"})
 QUANTIZER_ROLES = frozenset({"fake_quant", "observer"})
 
 
@@ -60,6 +65,8 @@ class LoraBranch:
     dropout: fx.Node | None = None
     a_weight: fx.Node | None = None  # the read of the stored lora_A parameter
     b_weight: fx.Node | None = None
+    cast_in: fx.Node | None = None  # the input cast to the factors' dtype (mixed precision)
+    cast_out: fx.Node | None = None  # the sum cast back to the base output's dtype
     quantizers: list[fx.Node] = field(default_factory=list)  # fake-quant / observers on it
     owned: list[fx.Node] = field(default_factory=list)  # everything removal takes out, graph order
 
@@ -73,10 +80,20 @@ class LoraBranch:
 
     @property
     def ops(self) -> list[fx.Node]:
-        """The branch's own computations, input to output."""
-        order = (self.dropout, self.a, self.scale, self.b) if self.standard else (
-            self.dropout, self.b, self.scale, self.a)
+        """The branch's own computations, input to output (the add and its cast not included)."""
+        order = (self.cast_in, self.dropout, self.a, self.scale, self.b) if self.standard else (
+            self.cast_in, self.dropout, self.b, self.scale, self.a)
         return [n for n in order if n is not None]
+
+    @property
+    def output(self) -> fx.Node:
+        """The node the site's readers read: the add, or its cast back to the base's dtype."""
+        return self.cast_out if self.cast_out is not None else self.add
+
+    @property
+    def mixed_precision(self) -> bool:
+        """Whether the factors' dtype differs from the site's (casts around the branch)."""
+        return self.cast_in is not None or self.cast_out is not None
 
     @property
     def nodes(self) -> list[fx.Node]:
@@ -117,7 +134,8 @@ class LoraBranch:
         return evaluate(op.graph.owning_module, op.args[1]).detach()
 
 
-_FIELDS = {"lora_a": "a", "lora_b": "b", "lora_scale": "scale", "lora_dropout": "dropout"}
+_FIELDS = {"lora_a": "a", "lora_b": "b", "lora_scale": "scale", "lora_dropout": "dropout",
+           "lora_cast_in": "cast_in", "lora_cast_out": "cast_out"}
 _WEIGHTS = {"lora_A": "a_weight", "lora_B": "b_weight"}
 
 
@@ -184,13 +202,13 @@ def branches_by_site(gm: fx.GraphModule) -> dict[str, list[LoraBranch]]:
 
 
 def remove(*branches: LoraBranch) -> None:
-    """Take branches out of their graph: each ``add`` is replaced by its base input, then every
-    node the branches own that nothing reads any more is erased (a quantizer another branch
-    still reads stays for it)."""
+    """Take branches out of their graph: each branch's output (its ``add``, or the cast after it)
+    is replaced by the add's base input, then every node the branches own that nothing reads
+    any more is erased (a quantizer another branch still reads stays for it)."""
     if not branches:
         return
     for br in branches:
-        br.add.replace_all_uses_with(br.add.args[0])
+        br.output.replace_all_uses_with(br.add.args[0])
     owned = {n for br in branches for n in br.owned}
     graph = branches[0].add.graph
     for node in reversed(list(graph.nodes)):

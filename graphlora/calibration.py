@@ -14,9 +14,11 @@ from typing import Any, Iterable
 import torch
 
 from graphlora import batches as batch_feed
+from graphlora import meta
 from graphlora.collectives import is_initialized, sync_stats
 from graphlora.errors import CalibrationError
 from graphlora.passes.observers import (
+    OBSERVER_ROOT,
     FreezeObserversPass,
     InsertObserversPass,
     QuantizeLoraWeightsPass,
@@ -26,6 +28,7 @@ from graphlora.passes.observers import (
 )
 from graphlora.quant import Encoding
 from graphlora.sites import tagged_sites
+from graphlora.validate import check_count
 
 
 def calibrate(
@@ -44,6 +47,7 @@ def calibrate(
     ``"all"``. Tensors that already have an encoding keep it unless ``recalibrate=True``.
     Returns the encodings computed by this call, by tensor name.
     """
+    check_count(num_batches, "calibrate(num_batches=...)", optional=True)
     gm = model.graph_module
     if recalibrate:
         remove_fake_quant(gm, targets)
@@ -90,9 +94,6 @@ def calibrate(
 
 def _drop_observers(gm) -> None:
     """On failure, leave the graph as it was before calibration (no observers behind)."""
-    from graphlora import meta
-    from graphlora.passes.observers import OBSERVER_ROOT
-
     for node in [n for n in gm.graph.nodes if meta.role(n) == "observer"]:
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)

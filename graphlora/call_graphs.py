@@ -190,9 +190,42 @@ class CallGraphs:
             trace = trace_structure(self.template, bound, self.signature.form(bound), like=like,
                                     device=_device_of(canonical), spares=spares)
         except TraceError as exc:
+            mismatch = self._input_mismatch(bound)
+            if mismatch is not None:
+                raise InputError(mismatch) from exc
             raise TraceError(self._failure(bound, key, exc)) from exc
         self._traces.setdefault(key, []).extend([trace, *spares])
         return trace
+
+    def explain_failure(self, args: tuple, kwargs: dict) -> InputError | None:
+        """After a graph failed on a call: an InputError naming the input that differs in kind or
+        dtype from the traced call (the likely cause), or None."""
+        if self.signature is None or not self.signature.binds:
+            return None
+        kwargs = {k: v for k, v in kwargs.items() if k != "adapter_names" or self._takes(k)}
+        try:
+            bound = self.signature.bind(args, kwargs)
+        except InputError:
+            return None
+        mismatch = self._input_mismatch(bound)
+        return InputError(mismatch) if mismatch is not None else None
+
+    def _input_mismatch(self, bound: dict) -> str | None:
+        """After tracing a call failed: the argument that was a tensor in the traced call and is
+        now no tensor, or a tensor of another dtype (the likely cause, in the user's terms), or None."""
+        for name, kind in self.canonical.key:
+            if kind[0] != "tensor" or name not in bound:
+                continue
+            dtype, dim = _dtype_name(kind[1]), kind[2]
+            value = bound[name]
+            if not isinstance(value, torch.Tensor):
+                return (f"argument {name} must be a torch.Tensor (the graph was traced with a {dtype} tensor "
+                        f"of {dim} dimension(s)), got {type(value).__name__}; convert it, e.g. torch.as_tensor(...)")
+            if value.dtype != kind[1]:
+                return (f"argument {name} is {_dtype_name(value.dtype)} but the graph was traced with {dtype}, "
+                        f"and the model cannot run it; cast the input (e.g. {name}.to(torch.{dtype})) or "
+                        "transform with an example of this dtype")
+        return None
 
     def _failure(self, bound: dict, key: tuple, exc: Exception) -> str:
         """Which arguments make this call different from the traced one, and why tracing failed."""
@@ -445,3 +478,7 @@ def _pretrained_base(template: nn.Module) -> tuple[type, ...]:
         if cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers."):
             return (cls,)
     return ()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -43,6 +43,16 @@ class FileFormatError(AdapterError):
     """A file graphlora reads is truncated, corrupt or of an unexpected format."""
 
 
+class UnsafeFileError(FileFormatError):
+    """Reading this file would run code (it is, or contains, a Python pickle); graphlora refuses
+    unless the caller opts in with ``allow_pickle=True`` (see docs/security.md)."""
+
+
+class SaveError(GraphloraError, OSError):
+    """A write graphlora refuses or could not finish safely (a symlinked or unsafe target, a file
+    where a directory belongs, a stranded backup); the previous artefact is left as it was."""
+
+
 class ExportError(GraphloraError):
     """ONNX export cannot express the model as asked (opset, qtype, mode)."""
 
@@ -57,6 +67,13 @@ class DistributedError(GraphloraError):
 
 class GraphloraWarning(UserWarning):
     """Warnings graphlora emits (e.g. rules that matched nothing)."""
+
+
+def first_few(items, limit: int = 5) -> str:
+    """``a, b, c`` or ``a, b, c, d, e and 3 more``: the first offenders, for a message."""
+    items = [str(i) for i in items]
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 def require(package: str, feature: str, install: str | None = None):

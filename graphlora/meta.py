@@ -29,6 +29,8 @@ ROLES = (
     "lora_scale",
     "lora_add",
     "lora_gate",
+    "lora_cast_in",
+    "lora_cast_out",
     "weight",
     "quant",
     "dequant",

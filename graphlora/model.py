@@ -27,8 +27,10 @@ from graphlora.passes.base import PassPipeline, PassRecord
 from graphlora.passes.insert_lora import InsertLoraPass, RemoveLoraPass
 from graphlora.passes.merge_lora import MergeLoraPass
 from graphlora.rules import QuantRule
+from graphlora.signature import accept_natural_calls
 from graphlora.sites import tagged_sites
 from graphlora.training_mode import set_module_flags, set_training_flags
+from graphlora.validate import check_adapter_name, check_lora_factor
 
 __all__ = ["LoraModel", "MatchedSite", "model_class"]
 
@@ -75,11 +77,13 @@ class LoraModel(ModelContents, HuggingFaceSurface, nn.Module):
 
     def forward(self, *args, **kwargs):
         """Run the graph serving this call (made on the first call of its structure)."""
-        entry, args, kwargs = self._calls.dispatch(args, kwargs)
+        entry, call_args, call_kwargs = self._calls.dispatch(args, dict(kwargs))
         try:
-            return self._executable(entry)(*args, **kwargs)
+            return self._executable(entry)(*call_args, **call_kwargs)
         except Exception as exc:
             explained = _explain_input_error(exc)
+            if explained is exc:
+                explained = self._calls.explain_failure(args, kwargs) or exc
             if explained is exc:
                 raise
             raise explained from exc
@@ -164,7 +168,8 @@ class LoraModel(ModelContents, HuggingFaceSurface, nn.Module):
         """Copy LoRA weights in (PEFT names, with or without ``base_model.model.``)."""
         name = self._resolve_adapter(adapter)
         own = dict(self.named_lora_parameters(name))
-        given = {_strip_peft_prefix(k): v for k, v in state_dict.items()}
+        given = {_strip_peft_prefix(k): check_lora_factor(v, k, source=f"LoRA state dict for {name!r}")
+                 for k, v in state_dict.items()}
         missing = sorted(set(own) - set(given))
         unexpected = sorted(set(given) - set(own))
         wrong = [
@@ -208,6 +213,7 @@ class LoraModel(ModelContents, HuggingFaceSurface, nn.Module):
         layers than the rules did); they are tagged with a rule selecting exactly them, appended
         after the user's rules so first-match-wins still describes the model.
         """
+        check_adapter_name(name)
         if name in self._adapters:
             raise AdapterError(f"adapter {name!r} already exists; delete it first or pick another name")
         self._tag_unmatched_sites(specs)
@@ -384,7 +390,8 @@ class LoraModel(ModelContents, HuggingFaceSurface, nn.Module):
 
         Merges the active adapters, or the named ``adapters``. The LoraModel itself is unchanged;
         unchanged weights are shared, not copied. A quantized base is dequantized into the merged
-        float weight.
+        float weight. It is called like the original model, as far as the traced graph allows
+        (constants traced in, such as ``use_cache=False``, may be left out).
         """
         names = list(self._active) if adapters is None else [self._resolve_adapter(a) for a in adapters]
         _refuse_fsdp_modules(self.graph_module, "merge()")
@@ -395,7 +402,7 @@ class LoraModel(ModelContents, HuggingFaceSurface, nn.Module):
         set_training_flags(gm, self.training)
         for p in gm.parameters():
             p.requires_grad_(False)
-        return gm
+        return accept_natural_calls(gm, self._calls.signature)
 
     def merge_and_unload(self) -> fx.GraphModule:
         """PEFT's name for :meth:`merge`."""

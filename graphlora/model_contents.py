@@ -14,6 +14,7 @@ import torch
 
 from graphlora import meta
 from graphlora.graph_utils import is_own
+from graphlora.passes.weights import dequant_node
 from graphlora.rules import QuantRule
 from graphlora.sites import tagged_sites
 
@@ -147,7 +148,9 @@ class ModelContents:
         """The base model's tensors under the original model's state-dict keys.
 
         Weights a quantization pass replaced are evaluated through their dequantize nodes, so
-        the result has the float weights the base computes with (on the quantization grid).
+        the result has the float weights the base computes with (on the quantization grid) —
+        also when the float parameter is still there for another reader (a quantized
+        ``lm_head`` tied to the embedding).
         """
         gm = self.graph_module
         state = {
@@ -157,7 +160,7 @@ class ModelContents:
         }
         for site in tagged_sites(gm):
             name = site.spec.weight_name
-            if name not in state:
+            if name not in state or dequant_node(site) is not None:
                 state[name] = site.param_value().detach()
         order = gm.meta.get(meta.STATE_KEYS_KEY)
         if order:

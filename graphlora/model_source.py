@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from graphlora.errors import AdapterError, GraphloraError, InputError, require
+from graphlora.errors import AdapterError, GraphloraError, InputError, UnsafeFileError, require
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -59,23 +59,26 @@ class LoadedModel:
     description: str = ""
 
 
-def load_model(spec: str, *, progress: bool = True) -> LoadedModel:
+def load_model(spec: str, *, progress: bool = True, allow_pickle: bool = False) -> LoadedModel:
     """Load a transformers directory or a ``module:attr`` factory (docs/cli.md, MODEL), with the
     example inputs it is traced with.
 
-    The model is put in eval mode so tracing and exports are deterministic. ``progress=False``
-    hides transformers' weight-loading progress bars.
+    A ``module:attr`` factory is Python code and runs (it is imported): name only code you trust.
+    A directory is data: it is loaded without ``trust_remote_code`` and from safetensors weights
+    only, unless ``allow_pickle=True`` lets transformers read pickled ``pytorch_model.bin`` files
+    (docs/security.md). The model is put in eval mode so tracing and exports are deterministic.
+    ``progress=False`` hides transformers' weight-loading progress bars.
     """
     with _quiet_transformers(progress):
-        loaded = _load(spec)
+        loaded = _load(spec, allow_pickle)
     loaded.model.eval()
     return loaded
 
 
-def _load(spec: str) -> LoadedModel:
+def _load(spec: str, allow_pickle: bool = False) -> LoadedModel:
     path = Path(spec)
     if path.is_dir():
-        return _load_transformers_dir(path)
+        return _load_transformers_dir(path, allow_pickle)
     if path.exists():
         raise InputError(
             f"MODEL {spec!r} is a file; expected a transformers model directory or module:attr "
@@ -89,7 +92,7 @@ def _load(spec: str) -> LoadedModel:
     )
 
 
-def _load_transformers_dir(path: Path) -> LoadedModel:
+def _load_transformers_dir(path: Path, allow_pickle: bool = False) -> LoadedModel:
     transformers = require("transformers", "loading a model directory")
     if not (path / "config.json").is_file():
         hint = (
@@ -98,15 +101,22 @@ def _load_transformers_dir(path: Path) -> LoadedModel:
             else ""
         )
         raise AdapterError(f"{path}: no config.json, so not a transformers model directory{hint}")
+    if not allow_pickle and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise UnsafeFileError(
+            f"{path}: its weights are pickled (*.bin), which can run code when loaded; convert them to "
+            "safetensors, or pass allow_pickle=True (the CLI: --allow-pickle) if you trust the files"
+        )
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise AdapterError(f"{path}: cannot read config.json: {_first_line(exc)}") from exc
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     cls = cls if cls is not None else transformers.AutoModel
     try:
-        model = cls.from_pretrained(path, local_files_only=True)
+        model = cls.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False, use_safetensors=None if allow_pickle else True
+        )
     except Exception as exc:
         raise AdapterError(f"{path}: transformers {cls.__name__} cannot load it: {_first_line(exc)}") from exc
     tokenizer = _load_tokenizer(transformers, path)
@@ -120,7 +130,7 @@ def _load_tokenizer(transformers: Any, path: Path) -> Any:
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         return None
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise AdapterError(f"{path}: has tokenizer files but AutoTokenizer cannot load them: {_first_line(exc)}") from exc
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch.fx as fx
 import torch.nn as nn
 
-from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec
-from graphlora.errors import TraceError
+from graphlora.adapters import ADAPTERS_ROOT, DEFAULT_ADAPTER, LoraSpec
+from graphlora.errors import InputError, TraceError
 from graphlora.model import LoraModel, model_class
 from graphlora.passes.base import GraphPass, PassPipeline
 from graphlora.passes.insert_lora import InsertLoraPass
@@ -17,9 +18,10 @@ from graphlora.passes.match_rules import MatchRulesPass
 from graphlora.rules import LoraRule, QuantRule, normalize_rules
 from graphlora.sites import tagged_sites
 from graphlora.trace import TraceMethod, structure_copy, trace
+from graphlora.validate import check_adapter_name
 
 
-def lora_specs_from_rules(gm: fx.GraphModule) -> dict[str, LoraSpec]:
+def lora_specs_from_rules(gm: fx.GraphModule, autocast_dtype: bool = True) -> dict[str, LoraSpec]:
     """Module path -> LoraSpec for every tagged site whose winning rule is a LoraRule."""
     specs: dict[str, LoraSpec] = {}
     for site in tagged_sites(gm):
@@ -31,15 +33,19 @@ def lora_specs_from_rules(gm: fx.GraphModule) -> dict[str, LoraSpec]:
                 dropout=float(rule.dropout),
                 use_rslora=rule.use_rslora,
                 init=rule.init,
+                autocast_dtype=autocast_dtype,
             )
     return specs
 
 
+@dataclass
 class _InsertRuleLoraPass(InsertLoraPass):
     """InsertLoraPass whose specs come from the rules tagged by MatchRulesPass."""
 
+    autocast_dtype: bool = True
+
     def call(self, gm):
-        self.specs = lora_specs_from_rules(gm)
+        self.specs = lora_specs_from_rules(gm, self.autocast_dtype)
         return super().call(gm)
 
 
@@ -52,6 +58,7 @@ def build_passes(
     calibration_data: Iterable[Any] | None = None,
     progress: bool = True,
     quantize_weights: bool = True,
+    autocast_adapter_dtype: bool = True,
 ) -> list[GraphPass]:
     """The default pass list; the quantization passes slot in around the LoRA insertion."""
     weight_passes = (
@@ -64,7 +71,7 @@ def build_passes(
     return [
         MatchRulesPass(rules, strict=strict),
         *weight_passes,
-        _InsertRuleLoraPass(adapter, {}),
+        _InsertRuleLoraPass(adapter, {}, autocast_dtype=autocast_adapter_dtype),
     ]
 
 
@@ -82,6 +89,7 @@ def transform(
     calibration_data: Iterable[Any] | None = None,
     progress: bool = True,
     quantize_weights: bool = True,
+    autocast_adapter_dtype: bool = True,
 ) -> LoraModel:
     """Trace ``model``, apply ``rules`` and return a trainable :class:`LoraModel`.
 
@@ -96,10 +104,22 @@ def transform(
     encodings are calibrated afterwards with :func:`graphlora.calibrate`. With
     ``quantize_weights=False`` the rules' weight quantization is left for a later, explicit step
     (the QW-LoRA workflow).
+
+    ``autocast_adapter_dtype`` (PEFT's option of that name, default ``True`` as there): LoRA
+    factors of a float16/bfloat16 base are float32, the branch reading its input cast up and
+    the site's sum cast back to the base's dtype; ``False`` keeps the factors in the base dtype.
     """
     rules = normalize_rules(rules)
     if not isinstance(model, nn.Module):
         raise TraceError(f"transform() needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, LoraModel) or ADAPTERS_ROOT in model._modules:
+        raise InputError(
+            f"transform() got a model graphlora already transformed ({type(model).__name__}); tracing its "
+            "graph again would find no layers to match. Add LoRA to it with model.add_adapter(...) or "
+            "graphlora.load_adapter(model, ...), quantize it with graphlora.qw_lora(model), or transform "
+            "the original nn.Module"
+        )
+    check_adapter_name(adapter_name, where="adapter_name")
     spares: list[fx.GraphModule] = []  # traces of the example's call for other sizes
     gm = trace(model, example_args, example_kwargs, method=method, spares=spares)
     passes = build_passes(
@@ -110,10 +130,11 @@ def transform(
         calibration_data=calibration_data,
         progress=progress,
         quantize_weights=quantize_weights,
+        autocast_adapter_dtype=autocast_adapter_dtype,
     )
     pipeline = PassPipeline(passes, record=record)
     gm = pipeline(gm)
-    specs = lora_specs_from_rules(gm)
+    specs = lora_specs_from_rules(gm, autocast_adapter_dtype)
     for p in gm.parameters():
         p.requires_grad_(False)
     template = structure_copy(model) if method == "export" else None
@@ -145,7 +166,24 @@ def _source_info(model: nn.Module, method: str) -> dict[str, Any]:
         info["config"] = config
         info["name_or_path"] = getattr(config, "_name_or_path", None) or None
         info["task_type"] = _task_type(type(model).__name__)
+        tied = _tied_weights(model)
+        if tied:
+            info["tied_weights"] = tied
     return info
+
+
+def _tied_weights(model: nn.Module) -> dict[str, str]:
+    """transformers' tied parameters, ``{tied key: the key it is tied to}`` (``lm_head.weight``
+    -> ``model.embed_tokens.weight`` with ``tie_word_embeddings``), which its ``save_pretrained``
+    leaves out of the checkpoint and ``from_pretrained`` ties again; saves do the same."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    try:
+        tied = expand(all_submodels=True) if callable(expand) else getattr(model, "all_tied_weights_keys", None)
+    except (AttributeError, KeyError, TypeError, ValueError):  # patterns that do not resolve: save every key
+        return {}
+    if not isinstance(tied, dict):
+        return {}
+    return {str(k): str(v) for k, v in tied.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def _task_type(class_name: str) -> str | None:

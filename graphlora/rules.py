@@ -1,7 +1,8 @@
 """Rules say which linear sites get LoRA and/or quantization, with Qwix's semantics.
 
-A rule's ``module_path`` is a regular expression matched with ``re.fullmatch`` against a site's
-module path; rules are scanned in order and the first match wins; sites no rule matches are left
+A rule's ``module_path`` is a regular expression matched with ``re.fullmatch`` semantics against a
+site's module path (with a bound on time, :mod:`graphlora.patterns`: a rules file may come from
+anyone); rules are scanned in order and the first match wins; sites no rule matches are left
 untouched; rules that match nothing are reported (a warning, or an error with ``strict=True``).
 Rules are frozen dataclasses so they can be hashed, compared, stored in node metadata and
 written to files unchanged.
@@ -9,13 +10,15 @@ written to files unchanged.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Sequence
 
 from graphlora.errors import RuleError
+from graphlora.patterns import PatternSet
+from graphlora.quant.qtypes import check_qtype_use
 from graphlora.quant.weight_methods import WeightMethod, weight_method, weight_method_names
 from graphlora.scaling import lora_scale
+from graphlora.validate import check_lora_alpha
 
 # The one-line toggle (Kithara's ``lora_rank=16``): attention query and value projections.
 DEFAULT_TARGETS = r"(.*\.)?(q_proj|v_proj|query|value|c_attn)"
@@ -116,8 +119,20 @@ def default_rules(rank: int) -> list[LoraRule]:
     return [LoraRule(DEFAULT_TARGETS, rank=rank, alpha=float(rank))]
 
 
+#: Attribute a rules file sets on the rules it read (not a dataclass field: rules compare and
+#: hash by their fields only), so errors found later, when the rules match a model, name the file.
+SOURCE_ATTR = "_graphlora_source"
+
+
 def rule_name(index: int, rule: QuantRule) -> str:
-    return f"rule #{index} {rule.describe()}"
+    source = getattr(rule, SOURCE_ATTR, None)
+    return f"rule #{index} {rule.describe()}" + (f" in {source}" if source else "")
+
+
+def set_source(rule: QuantRule, source: str) -> QuantRule:
+    """Remember the file a rule came from (for messages); returns the rule."""
+    object.__setattr__(rule, SOURCE_ATTR, source)
+    return rule
 
 
 def normalize_rules(rules: int | QuantRule | Iterable[QuantRule]) -> list[QuantRule]:
@@ -149,10 +164,7 @@ def validate_rule(index: int, rule: QuantRule) -> None:
     where = rule_name(index, rule)
     if not isinstance(rule.module_path, str):
         raise RuleError(f"{where}: module_path must be a string regex")
-    try:
-        re.compile(rule.module_path)
-    except re.error as exc:
-        raise RuleError(f"{where}: module_path is not a valid regular expression: {exc}") from None
+    PatternSet(where, error=RuleError).compile(rule.module_path, "module_path")
     _check_qtype(where, "weight_qtype", rule.weight_qtype, "weight")
     _check_qtype(where, "act_qtype", rule.act_qtype, "activation")
     _check_qtype(where, "lora_weight_qtype", rule.lora_weight_qtype, "weight")
@@ -170,13 +182,15 @@ def validate_rule(index: int, rule: QuantRule) -> None:
         raise RuleError(
             f"{where}: act_calibration must be one of {ACT_CALIBRATIONS}, got {rule.act_calibration!r}"
         )
-    if not (0.0 < rule.act_percentile <= 100.0):
+    if isinstance(rule.act_percentile, bool) or not isinstance(rule.act_percentile, (int, float)) or not (
+        0.0 < rule.act_percentile <= 100.0
+    ):
         raise RuleError(f"{where}: act_percentile must be in (0, 100], got {rule.act_percentile!r}")
     if isinstance(rule, LoraRule):
         if not isinstance(rule.rank, int) or isinstance(rule.rank, bool) or rule.rank < 1:
             raise RuleError(f"{where}: rank must be an int >= 1, got {rule.rank!r}")
-        if rule.alpha is not None and not (isinstance(rule.alpha, (int, float)) and rule.alpha > 0):
-            raise RuleError(f"{where}: alpha must be > 0, got {rule.alpha!r}")
+        if rule.alpha is not None:
+            check_lora_alpha(rule.alpha, f"{where}: alpha", error=RuleError)
         if not (isinstance(rule.dropout, (int, float)) and 0.0 <= rule.dropout < 1.0):
             raise RuleError(f"{where}: dropout must be in [0, 1), got {rule.dropout!r}")
         if rule.init not in LORA_INITS:
@@ -186,8 +200,6 @@ def validate_rule(index: int, rule: QuantRule) -> None:
 def _check_qtype(where: str, field_name: str, qtype: str | None, usage: str) -> None:
     if qtype is None:
         return
-    from graphlora.quant.qtypes import check_qtype_use
-
     try:
         check_qtype_use(qtype, usage)
     except Exception as exc:
@@ -202,8 +214,23 @@ class RuleMatch:
     rule: QuantRule
 
 
+class RuleMatcher:
+    """The rules' ``module_path`` patterns compiled once, matched within one time budget."""
+
+    def __init__(self, rules: Sequence[QuantRule]):
+        self.rules = list(rules)
+        patterns = PatternSet("", error=RuleError)
+        self._patterns = [patterns.compile(r.module_path, f"{rule_name(i, r)}: module_path")
+                          for i, r in enumerate(self.rules)]
+
+    def first(self, module_path: str) -> RuleMatch | None:
+        """The first rule whose ``module_path`` fully matches ``module_path`` (None: no rule)."""
+        for i, (rule, pattern) in enumerate(zip(self.rules, self._patterns)):
+            if pattern.fullmatch(module_path):
+                return RuleMatch(i, rule)
+        return None
+
+
 def first_match(module_path: str, rules: Sequence[QuantRule]) -> RuleMatch | None:
-    for i, rule in enumerate(rules):
-        if re.fullmatch(rule.module_path, module_path):
-            return RuleMatch(i, rule)
-    return None
+    """The first rule matching ``module_path`` (see :class:`RuleMatcher` to match many paths)."""
+    return RuleMatcher(rules).first(module_path)

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from graphlora.errors import RuleError
-from graphlora.rules import LoraRule, QuantRule, validate_rule
+from graphlora.io.json_file import parse_json
+from graphlora.rules import LoraRule, QuantRule, set_source, validate_rule
 
 __all__ = ["RULES_KEY", "dump_rules", "load_rules", "parse_rules", "rules_from_data", "save_rules"]
 
@@ -104,13 +105,14 @@ def _parse_toml(text: str, source: str) -> Any:
         return toml.loads(text)
     except toml.TOMLDecodeError as exc:
         raise RuleError(f"{source}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise RuleError(f"{source}: TOML nested too deeply to parse (a rules file nests two levels; a nesting bomb?)") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise RuleError(f"{source}: not valid TOML: {exc}") from None
 
 
 def _parse_json(text: str, source: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RuleError(f"{source}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    return parse_json(text, source=source, what="a rules file", error=RuleError, joiner=": ")
 
 
 def _rule_tables(data: Any, source: str) -> list[Any]:
@@ -149,7 +151,7 @@ def _rule_from_table(index: int, table: Any, source: str) -> QuantRule:
         validate_rule(index, rule)
     except RuleError as exc:
         raise RuleError(f"{source}: {exc}") from None
-    return rule
+    return set_source(rule, source)
 
 
 def _unknown_field_message(key: str, cls: type) -> str:
@@ -180,7 +182,10 @@ def _check_type(where: str, key: str, value: Any, hint: Any, *, required: bool =
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise RuleError(f"{where}: field {key!r} = {value} is too large for a number") from None
         if kind is str and isinstance(value, str):
             return value
     expected = " or ".join(_type_word(k) for k in allowed if k is not type(None))

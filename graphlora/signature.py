@@ -283,3 +283,57 @@ def _tensor_problem(name: str, expected: torch.Tensor, value: Any, ranges: Mappi
             return f"{name}.shape[{i}] is {got} but must equal another input's size {sizes[symbol]}"
         sizes.setdefault(symbol, got)
     return None
+
+
+def accept_natural_calls(gm: fx.GraphModule, signature: ForwardSignature | None) -> fx.GraphModule:
+    """Let a single graph (``merge()``'s) be called like the model it was traced from.
+
+    Every call is bound to the original ``forward`` by name and arranged into the graph's
+    :class:`CallForm` (a forward pre-hook): keywords may be given positionally and back, and
+    values baked in at trace time (``use_cache=False``) may be left out or passed again. A call
+    this one graph cannot serve (another value for a baked constant, an argument it was not traced
+    with, an input its guards refuse) raises :class:`InputError` naming the argument; the graph is
+    never run with inputs it was not traced for. Graphs without a call form (symbolic traces)
+    are left as they are.
+    """
+    form = gm.meta.get(meta.CALL_FORM_KEY)
+    if signature is None or not signature.binds or form is None:
+        return gm
+    baked = dict(form.baked)
+    # constants the example passed are inputs the graph guards on: a call giving another value
+    # is refused by name here rather than by the guard's message
+    baked.update({name: kind[2] for name, kind in gm.meta.get(meta.CALL_KEY, ()) if kind[0] == "constant"})
+
+    def normalize(module: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        bound = signature.bind(args, kwargs, what="the inputs")
+        for name, value in bound.items():
+            if name in baked and not _same_constant(value, baked[name]):
+                raise InputError(
+                    f"{name}={value!r} differs from the value the graph was traced with "
+                    f"({name}={baked[name]!r}); a merged model is one graph with its Python constants "
+                    f"fixed: call the LoraModel instead, or transform with {name}={value!r} in the example"
+                )
+        extra = [n for n in bound if n not in form.names and n not in baked]
+        if extra:
+            raise InputError(
+                f"argument(s) {', '.join(extra)} were not given when the graph was traced; a merged model "
+                "is one graph: call the LoraModel, or transform with example inputs that include them"
+            )
+        missing = [n for n in form.names if n not in bound]
+        if missing:
+            raise InputError(f"missing argument(s) {', '.join(missing)} the graph was traced with")
+        call_args, call_kwargs = form.arrange(bound)
+        problem = guard_failure(module, call_args, call_kwargs)
+        if problem is not None:
+            raise InputError(f"the merged graph cannot take this call: {problem}")
+        return call_args, call_kwargs
+
+    gm.register_forward_pre_hook(normalize, with_kwargs=True)
+    return gm
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False

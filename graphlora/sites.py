@@ -6,6 +6,8 @@ A linear layer reaches a traced graph in many spellings: ``aten.linear`` (``nn.L
 ``symbolic_trace`` graphs ``call_module`` Linear and the torch-level functions. This module is the
 only place that knows those spellings. It recognises them once and writes a :class:`SiteSpec`
 into the node's metadata; every later pass reads the spec and never looks at op targets again.
+For execution fusion it also rewrites any site into the one canonical spelling
+(:meth:`LinearSite.as_linear`), so the fusions match a single op and still cover every site.
 
 Weight layout is tracked at two levels. ``param_layout`` is the orientation of the parameter as
 stored (``out_in`` like ``nn.Linear``, ``in_out`` like ``Conv1D``; decided by its first use and
@@ -26,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphlora import meta
+from graphlora.graph_utils import evaluate, get_tensor
 
 aten = torch.ops.aten
 Layout = Literal["out_in", "in_out"]
@@ -86,6 +89,12 @@ class LinearSite:
         args[self.spec.weight_index] = new
         self.node.args = tuple(args)
 
+    @property
+    def bias(self) -> fx.Node | None:
+        """The node fed to the op as bias (None for a site without one)."""
+        i = self.spec.bias_index
+        return None if i is None else self.node.args[i]
+
     def feed_param(self, new: fx.Node) -> fx.Node:
         """Feed ``new``, a value in the *parameter's stored layout*, as this site's weight.
 
@@ -93,16 +102,61 @@ class LinearSite:
         need to know whether the op was ``linear``, ``addmm`` or ``x @ W.T``. Returns the node
         now at the op's weight position.
         """
-        fed = new
-        if self.spec.weight_transposed:
-            graph = self.node.graph
-            with graph.inserting_before(self.node):
-                fed = graph.call_function(torch.ops.aten.t.default, (new,))
-            meta.tag(fed, "weight", module_path=self.module_path, tensor=self.spec.weight_name)
-            if "val" in new.meta:
-                fed.meta["val"] = new.meta["val"].t()
+        fed = self._transpose(new) if self.spec.weight_transposed else new
         self.replace_weight_input(fed)
         return fed
+
+    def as_linear(self) -> bool:
+        """Rewrite this site into ``aten.linear(x, W_(out, in), bias)``; True when it changed.
+
+        Execution fusion (the LoRA branch into the base GEMM, sibling GEMMs into one) rewrites
+        that one spelling, so every site gets it: ``addmm(b, x, W)``, ``mm(x, W)`` and
+        ``x @ W`` read an ``(in, out)`` weight, and the canonical form strips the transpose the
+        op read (``x @ P.T`` becomes ``linear(x, P)``) or inserts one (``Conv1D``'s
+        ``addmm(b, x, P)`` becomes ``linear(x, P.t(), b)``, a view: no copy). Same function,
+        same GEMM. The node's metadata moves to the new node (a tagged site's with an updated
+        spec).
+
+        Returns False and leaves the graph alone when the site already is in that form, or
+        cannot be: an ``addmm`` whose bias is not one value per output. Meant for execution
+        copies (:func:`graphlora.passes.fuse_siblings.fused_copy`): the canonical graph keeps the
+        model's own spellings, which saving, export and the graph diff show.
+        """
+        s, node = self.spec, self.node
+        if node.op == "call_function" and node.target == aten.linear.default and not node.kwargs:
+            return False
+        bias = self.bias
+        if bias is not None and not _is_vector(node.graph.owning_module, bias, s.out_features):
+            return False
+        read, weight, transposed = self.weight_input, self.weight_input, s.weight_transposed
+        if s.kind != "linear":  # the op reads (in, out); linear reads (out, in)
+            weight = read.args[0] if _strippable_transpose(read) else self._transpose(read)
+            transposed = not transposed
+        graph = node.graph
+        args = (self.input, weight) if bias is None else (self.input, weight, bias)
+        with graph.inserting_before(node):
+            canonical = graph.call_function(aten.linear.default, args)
+        canonical.meta = dict(node.meta)
+        node.replace_all_uses_with(canonical)
+        graph.erase_node(node)
+        if read is not weight and not read.users:
+            graph.erase_node(read)  # the stripped transpose
+        self.node = canonical
+        self.spec = replace(s, kind="linear", input_index=0, weight_index=1,
+                            bias_index=None if bias is None else 2, weight_transposed=transposed)
+        if meta.role(canonical) == "base":
+            meta.tag(canonical, "base", site=self.spec)
+        return True
+
+    def _transpose(self, value: fx.Node) -> fx.Node:
+        """A weight-role ``aten.t`` of ``value``, inserted before this site."""
+        graph = self.node.graph
+        with graph.inserting_before(self.node):
+            t = graph.call_function(aten.t.default, (value,))
+        meta.tag(t, "weight", module_path=self.module_path, tensor=self.spec.weight_name)
+        if "val" in value.meta:
+            t.meta["val"] = value.meta["val"].t()
+        return t
 
     def param_value(self) -> torch.Tensor:
         """The weight this site currently computes with, in the parameter's stored layout.
@@ -110,8 +164,6 @@ class LinearSite:
         Evaluates whatever feeds the op's weight (a parameter read, a dequantize, ...), so it
         also works after quantization passes replaced the weight.
         """
-        from graphlora.graph_utils import evaluate
-
         value = evaluate(self.node.graph.owning_module, self.weight_input)
         return value.t() if self.spec.weight_transposed else value
 
@@ -170,6 +222,21 @@ def _is_2d_transpose(node: fx.Node) -> bool:
     return False
 
 
+def _strippable_transpose(node: fx.Node) -> bool:
+    """True when ``node`` is a 2-D transpose whose input is a graph value (to read instead)."""
+    return _is_2d_transpose(node) and isinstance(node.args[0], fx.Node)
+
+
+def _is_vector(gm: fx.GraphModule, node, length: int) -> bool:
+    """True when ``node`` holds a 1-D tensor of ``length`` values, as a linear bias must."""
+    if not isinstance(node, fx.Node):
+        return False
+    value = node.meta.get("val")
+    if value is None and node.op == "get_attr":
+        value = get_tensor(gm, node.target)
+    return isinstance(value, torch.Tensor) and tuple(value.shape) == (length,)
+
+
 def _resolve_parameter(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Parameter] | None:
     if node.op != "get_attr":
         return None
@@ -187,7 +254,7 @@ def _weight_operand(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Paramete
     found = _resolve_parameter(gm, node)
     if found:
         return found[0], found[1], False
-    if isinstance(node, fx.Node) and _is_2d_transpose(node) and isinstance(node.args[0], fx.Node):
+    if isinstance(node, fx.Node) and _strippable_transpose(node):
         found = _resolve_parameter(gm, node.args[0])
         if found:
             return found[0], found[1], True
@@ -202,8 +269,22 @@ def _scalar_one(value) -> bool:
     return value is None or value == 1
 
 
-def _describe(gm: fx.GraphModule, node: fx.Node):
-    """(kind, input_index, weight_index, bias_index, use_layout, name, param, transposed)."""
+@dataclass(frozen=True)
+class _Operands:
+    """Where one recognised op keeps its activation, weight and bias, and which parameter it reads."""
+
+    kind: str
+    input_index: int
+    weight_index: int
+    bias_index: int | None
+    use_layout: Layout
+    weight_name: str
+    param: nn.Parameter
+    weight_transposed: bool
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node) -> _Operands | None:
+    """The operands of ``node`` if it is a linear layer in one of the recognised spellings."""
     kind = _call_kind(node)
     if kind is None:
         return None
@@ -218,7 +299,7 @@ def _describe(gm: fx.GraphModule, node: fx.Node):
         if w is None:
             return None
         name, param, transposed = w
-        return kind, 0, 1, bias_index, ("in_out" if transposed else "out_in"), name, param, transposed
+        return _Operands(kind, 0, 1, bias_index, "in_out" if transposed else "out_in", name, param, transposed)
     if kind == "addmm":
         if len(args) != 3 or not _scalar_one(node.kwargs.get("beta")) or not _scalar_one(node.kwargs.get("alpha")):
             return None
@@ -228,7 +309,7 @@ def _describe(gm: fx.GraphModule, node: fx.Node):
         if w is None:
             return None
         name, param, transposed = w
-        return kind, 1, 2, 0, ("out_in" if transposed else "in_out"), name, param, transposed
+        return _Operands(kind, 1, 2, 0, "out_in" if transposed else "in_out", name, param, transposed)
     # mm / matmul: activation @ weight
     if len(args) != 2 or not _is_activation(gm, args[0]):
         return None
@@ -236,7 +317,7 @@ def _describe(gm: fx.GraphModule, node: fx.Node):
     if w is None:
         return None
     name, param, transposed = w
-    return kind, 0, 1, None, ("out_in" if transposed else "in_out"), name, param, transposed
+    return _Operands(kind, 0, 1, None, "out_in" if transposed else "in_out", name, param, transposed)
 
 
 def _owner_path(gm: fx.GraphModule, weight_name: str, node: fx.Node, aliases: dict[int, list[str]]) -> str:
@@ -279,31 +360,30 @@ def find_linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
     for node in gm.graph.nodes:
         if meta.role(node) is not None and meta.role(node) != "base":
             continue  # nodes graphlora inserted are never sites themselves
-        desc = _describe(gm, node)
-        if desc is None:
+        ops = _describe(gm, node)
+        if ops is None:
             continue
-        kind, xi, wi, bi, use_layout, name, param, transposed = desc
-        param_layout = param_layouts.setdefault(id(param), use_layout)
-        rows, cols = param.shape
-        out_f, in_f = (rows, cols) if use_layout == "out_in" else (cols, rows)
-        path = _owner_path(gm, name, node, aliases)
+        param_layout = param_layouts.setdefault(id(ops.param), ops.use_layout)
+        rows, cols = ops.param.shape
+        out_f, in_f = (rows, cols) if ops.use_layout == "out_in" else (cols, rows)
+        path = _owner_path(gm, ops.weight_name, node, aliases)
         use_index = uses.get(path, 0)
         uses[path] = use_index + 1
         spec = SiteSpec(
-            kind=kind,
+            kind=ops.kind,
             module_path=path,
-            weight_name=name,
-            input_index=xi,
-            weight_index=wi,
-            bias_index=bi,
-            use_layout=use_layout,
+            weight_name=ops.weight_name,
+            input_index=ops.input_index,
+            weight_index=ops.weight_index,
+            bias_index=ops.bias_index,
+            use_layout=ops.use_layout,
             param_layout=param_layout,
-            weight_transposed=transposed,
+            weight_transposed=ops.weight_transposed,
             in_features=in_f,
             out_features=out_f,
             use_index=use_index,
-            weight_dtype=str(param.dtype).replace("torch.", ""),
-            weight_device=str(param.device),
+            weight_dtype=str(ops.param.dtype).replace("torch.", ""),
+            weight_device=str(ops.param.device),
         )
         sites.append(LinearSite(node, spec))
     return sites
@@ -324,13 +404,6 @@ def iter_site_groups(sites: list[LinearSite]) -> Iterator[tuple[str, list[Linear
     for s in sites:
         groups.setdefault(s.module_path, []).append(s)
     yield from groups.items()
-
-
-def retag(site: LinearSite, **changes) -> None:
-    """Update a site's spec in node meta (e.g. after the weight changed dtype)."""
-    spec = replace(site.spec, **changes)
-    meta.tag(site.node, "base", site=spec)
-    site.spec = spec
 
 
 # --------------------------------------------------------------------------- normalisation

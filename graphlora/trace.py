@@ -33,6 +33,7 @@ import torch.nn as nn
 from graphlora import meta
 from graphlora.errors import InputError, TraceError
 from graphlora.signature import CallForm, ForwardSignature, call_key, example_inputs, guard_failure
+from graphlora.sites import functionalize_linear_modules
 
 TraceMethod = Literal["export", "symbolic"]
 
@@ -412,8 +413,6 @@ def _trace_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
     gm.train(model.training)
     _freeze_parameters(gm)
     gm.meta[meta.STATE_KEYS_KEY] = list(model.state_dict().keys())
-    from graphlora.sites import functionalize_linear_modules
-
     functionalize_linear_modules(gm)
     if args or kwargs:
         _propagate_example_shapes(gm, args, kwargs)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from graphlora.errors import InputError
+from graphlora.validate import check_count, check_finite
 
 
 @dataclass
@@ -58,8 +59,15 @@ def train_lora(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise InputError("train_lora: the model has no trainable (LoRA) parameters")
-    if steps < 0:
-        raise InputError(f"train_lora: steps must be >= 0, got {steps}")
+    check_count(steps, "train_lora: steps")
+    check_count(warmup_steps, "train_lora: warmup_steps")
+    check_count(eval_every, "train_lora: eval_every", minimum=1)
+    if check_finite(lr, "train_lora: lr") <= 0:
+        raise InputError(f"train_lora: lr must be > 0, got {lr!r}")
+    if check_finite(weight_decay, "train_lora: weight_decay") < 0:
+        raise InputError(f"train_lora: weight_decay must be >= 0, got {weight_decay!r}")
+    if grad_clip is not None and check_finite(grad_clip, "train_lora: grad_clip") < 0:
+        raise InputError(f"train_lora: grad_clip must be >= 0 or None, got {grad_clip!r}")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, warmup_steps, steps))
     result = TrainResult(steps=steps)

@@ -89,7 +89,7 @@ class QuantLoraWorkflow:
 
         ``method`` overrides the rules' ``weight_calibration`` (``absmax``, ``minmax``, ``mse``,
         ``gptq``); ``encodings`` — a dict by parameter name or an encodings-file path — are used
-        instead of computing any. ``calibration_data`` feeds GPTQ and, for QWA-LoRA, the base
+        instead of computing any (a weight the rules quantize without an entry there is an error). ``calibration_data`` feeds GPTQ and, for QWA-LoRA, the base
         activation calibration.
         """
         if "quantize_base" in self.steps_done:
@@ -109,7 +109,7 @@ class QuantLoraWorkflow:
         passes: list[GraphPass] = []
         if method is not None:
             passes.append(RetagRulesPass({"weight_calibration": method}))
-        passes.append(QuantizeWeightsPass(storage="float", encodings=encodings))
+        passes.append(QuantizeWeightsPass(storage="float", encodings=encodings, complete=encodings is not None))
         if encodings is None:
             chosen = [method] if method is not None else [s.rule.weight_calibration for s in self.model.sites if s.rule]
             data_methods = [m for m in chosen if weight_method(m).needs_data]

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", (
         "graphlora.errors", "graphlora.version", "graphlora.meta", "graphlora.collectives",
-        "graphlora.scaling",
+        "graphlora.scaling", "graphlora.validate", "graphlora.patterns",
     )),
     ("tensors", ("graphlora.quant",)),
     ("files", ("graphlora.io",)),

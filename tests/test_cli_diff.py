@@ -77,11 +77,12 @@ def test_pt2_and_onnx_files(tmp_path, capsys):
     torch.export.save(_program(16), tmp_path / "a.pt2")
     torch.export.save(_program(16), tmp_path / "b.pt2")
     torch.export.save(_program(32), tmp_path / "c.pt2")
-    assert cli.main(["diff", str(tmp_path / "a.pt2"), str(tmp_path / "b.pt2")]) == 0
-    assert cli.main(["diff", str(tmp_path / "a.pt2"), str(tmp_path / "c.pt2")]) == 1
+    # .pt2 archives are unpickled when read: only with --allow-pickle (docs/security.md)
+    assert cli.main(["diff", "--allow-pickle", str(tmp_path / "a.pt2"), str(tmp_path / "b.pt2")]) == 0
+    assert cli.main(["diff", "--allow-pickle", str(tmp_path / "a.pt2"), str(tmp_path / "c.pt2")]) == 1
     # a saved graph text and the .pt2 it came from are the same graph
-    save_graph_text(tmp_path / "a.pt2", tmp_path / "a.graph.txt")
-    assert cli.main(["diff", str(tmp_path / "a.graph.txt"), str(tmp_path / "b.pt2")]) == 0
+    save_graph_text(tmp_path / "a.pt2", tmp_path / "a.graph.txt", allow_pickle=True)
+    assert cli.main(["diff", "--allow-pickle", str(tmp_path / "a.graph.txt"), str(tmp_path / "b.pt2")]) == 0
 
     one, two = _onnx(tmp_path / "one.onnx", 3), _onnx(tmp_path / "two.onnx", 5)
     capsys.readouterr()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from graphlora.errors import SaveError
 from graphlora.io import atomic
 from graphlora.io.atomic import DIRECTORY_STAGES, FILE_STAGES, atomic_directory, atomic_write, recover
 
@@ -257,21 +258,25 @@ def test_refuses_to_replace_a_file_with_a_directory(tmp_path):
     assert (tmp_path / "ckpt").read_bytes() == b"file"
 
 
-def test_symlinks_are_followed(tmp_path):
+def test_symlinks_are_refused_not_followed(tmp_path):
+    """A link at the target is never written through (issue 17: a link planted in a shared
+    directory redirected saves onto files elsewhere); the link and what it points to stay."""
     real_file = tmp_path / "real.txt"
     real_file.write_bytes(b"old")
     (tmp_path / "link.txt").symlink_to(real_file)
-    with atomic_write(tmp_path / "link.txt") as fh:
-        fh.write(b"new")
-    assert (tmp_path / "link.txt").is_symlink() and real_file.read_bytes() == b"new"
+    with pytest.raises(SaveError, match="symbolic link"):
+        with atomic_write(tmp_path / "link.txt") as fh:
+            fh.write(b"new")
+    assert (tmp_path / "link.txt").is_symlink() and real_file.read_bytes() == b"old"
 
     real_dir = tmp_path / "real_dir"
-    make_old(real_dir)
+    before = make_old(real_dir)
     (tmp_path / "link_dir").symlink_to(real_dir)
-    with atomic_directory(tmp_path / "link_dir") as tmp:
-        write_new(tmp)
+    with pytest.raises(SaveError, match="symbolic link"):
+        with atomic_directory(tmp_path / "link_dir") as tmp:
+            write_new(tmp)
     assert (tmp_path / "link_dir").is_symlink()
-    assert snapshot(real_dir) == {"a.txt": b"new a", "c.txt": b"new c"}
+    assert snapshot(real_dir) == before
     assert leftovers(tmp_path) == []
 
 

@@ -63,3 +63,51 @@ def test_not_a_quantized_save(tmp_path):
         graphlora.load_quantized(MLP(), tmp_path / "f", (torch.randn(2, 8),))
     with pytest.raises(graphlora.InputError, match="adapters only"):
         lm.save_pretrained(tmp_path / "a", only_save_adapters=True, keep_quantized=True)
+
+
+@pytest.mark.slow
+def test_transformers_refuses_a_keep_quantized_save_which_load_quantized_reads(tmp_path):
+    """from_pretrained must not load the float tensors of a keep_quantized save and initialise
+    every quantized weight at random: it finds no float checkpoint and raises. AutoConfig still
+    reads the config (which declares quant_method "graphlora"), so the architecture can be built
+    from it for load_quantized."""
+    import transformers
+
+    torch.manual_seed(0)
+    x = ids(vocab=128)
+    rules = [LoraRule(r".*_proj", rank=4, weight_qtype="nf4", group_size=32)]
+    lm = graphlora.transform(tiny_llama(layers=1), rules, (x,), {"use_cache": False})
+    _random_lora(lm)
+    result = lm.save_pretrained(tmp_path / "q", keep_quantized=True, max_shard_size="40KB")
+    assert not any(f.startswith("model") for f in result.files), result.files
+    assert "graphlora_quantized.safetensors.index.json" in result.files
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "q")
+    assert config.quantization_config["quant_method"] == "graphlora"
+    assert config.quantization_config["load_with"] == "graphlora.load_quantized"
+    fresh = transformers.AutoModelForCausalLM.from_config(config).eval()
+    back = graphlora.load_quantized(fresh, tmp_path / "q", (x,), {"use_cache": False})
+    assert torch.equal(back(x).logits, lm(x).logits)
+
+    # a float save of the reloaded model is an ordinary checkpoint again: no graphlora
+    # quantization_config, no stale quantized files, and from_pretrained loads it
+    back.save_pretrained(tmp_path / "q")
+    written = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert "quantization_config" not in written
+    assert not list((tmp_path / "q").glob("graphlora_quant*"))
+    float_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    with back.disable_adapter(), torch.no_grad():
+        torch.testing.assert_close(float_model(x).logits, back(x).logits, rtol=0, atol=1e-5)
+
+
+def test_load_quantized_reads_saves_named_model_safetensors(tmp_path):
+    """Keep-quantized saves written before they had a file name of their own still load."""
+    x = torch.randn(4, 32)
+    lm = graphlora.transform(MLP(dims=(32, 16)).eval(), [LoraRule(".*", rank=2, weight_qtype="int4",
+                                                                  group_size=16)], (x,))
+    lm.save_pretrained(tmp_path / "q", keep_quantized=True)
+    (tmp_path / "q" / "graphlora_quantized.safetensors").rename(tmp_path / "q" / "model.safetensors")
+    back = graphlora.load_quantized(MLP(dims=(32, 16)).eval(), tmp_path / "q", (x,))
+    assert torch.equal(back(x), lm(x))

@@ -74,6 +74,9 @@ WRITE_FLAGS = {"O_WRONLY", "O_RDWR", "O_CREAT", "O_APPEND", "O_TRUNC"}
 ALLOWED = {
     # The atomic helper itself: the one place that opens temporary files and renames them.
     ("io/atomic.py", "*"): "the helper",
+    # The helper's lock: an empty lock file created with O_CREAT | O_NOFOLLOW next to the target
+    # while a write runs, and removed when it ends (no data is written to it).
+    ("io/write_lock.py", "open with ['O_CREAT']"): "the helper's lock file",
     # onnxruntime writes the optimised model itself during session creation when the caller
     # asks for it (a diagnostic for reading what onnxruntime runs, not an artefact graphlora
     # saves); the path is the caller's and the write happens inside onnxruntime's C++ code.

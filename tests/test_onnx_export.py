@@ -228,6 +228,111 @@ def test_nf4_lowers_to_matmulbnb4(tmp_path):
     assert rel_err(got[0], lm(**feeds)[0].detach()) < BOUNDS["nf4"]
 
 
+class _Nf4Shapes(torch.nn.Module):
+    """One linear per NF4 layout MatMulBnb4 has no direct block for: a row shorter than 16
+    (padded), a group that does not divide the row (shorter last group), groups of 512 (blocks of
+    256 sharing an absmax), per-channel over a long row, and double quantization over a ragged row."""
+
+    def __init__(self):
+        super().__init__()
+        dims = (12, 100, 1024, 48, 40, 8)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x))
+        return self.layers[-1](x)
+
+
+NF4_SHAPE_RULES = [  # layers.i: (in_features, group_size)
+    graphlora.LoraRule(r"layers\.0", rank=2, weight_qtype="nf4"),                          # 12, per row
+    graphlora.LoraRule(r"layers\.1", rank=2, weight_qtype="nf4", group_size=64),           # 100, 64 + 36
+    graphlora.LoraRule(r"layers\.2", rank=2, weight_qtype="nf4", group_size=512),          # 1024, 2 x 512
+    graphlora.LoraRule(r"layers\.3", rank=2, weight_qtype="nf4", group_size=32, double_quant=True),  # 48
+    graphlora.QuantRule(r"layers\.4", weight_qtype="nf4", group_size=16),                  # 40, 16+16+8
+]
+
+
+@pytest.mark.slow
+def test_nf4_layouts_without_a_direct_matmulbnb4_block_export_exactly(tmp_path):
+    """Every NF4 encoding transform accepts exports: re-blocked (absmax repeated) and padded
+    (codes of 0.0, zeros appended to the activation) into MatMulBnb4, computing what torch does."""
+    torch.manual_seed(0)
+    lm = randomize_lora(graphlora.transform(_Nf4Shapes().eval(), NF4_SHAPE_RULES, (torch.randn(2, 12),)))
+    x = torch.randn(5, 12)
+    for mode in ("branch", "merged"):
+        path = tmp_path / f"{mode}.onnx"
+        export_onnx(lm, path, (torch.randn(2, 12),), lora=mode)
+        model = onnx.load(path)
+        bnb4 = {n.name.split("/")[0]: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                for n in model.graph.node if n.op_type == "MatMulBnb4"}
+        assert [(bnb4[f"layers.{i}.weight"]["K"], bnb4[f"layers.{i}.weight"]["block_size"])
+                for i in range(5)] == [(16, 16), (112, 16), (1024, 256), (48, 16), (48, 16)]
+        assert op_counts(model)["Pad"] == 3  # the three rows no block divides
+        got = _run(path, {"x": x})[0]
+        with torch.no_grad():
+            ref = lm(x) if mode == "branch" else prepare(lm.graph_module, "merged").graph_module(x)
+        assert rel_err(got, ref) < BOUNDS["nf4"], mode
+
+
+@pytest.mark.slow
+def test_fp16_model_with_float32_lora_factors_exports_and_runs(tmp_path):
+    """float16 base, float32 LoRA factors (autocast_adapter_dtype), an NF4 layer: the branch
+    export keeps the factors float32 behind Casts, MatMulBnb4 reads float32 between Casts, and
+    onnxruntime computes what torch does."""
+    torch.manual_seed(0)
+    model = MLP((32, 64, 8)).eval().to(torch.float16)
+    x = torch.randn(2, 32, dtype=torch.float16)
+    rules = [graphlora.LoraRule(r"layers\.0", rank=4, weight_qtype="nf4", group_size=32),
+             graphlora.LoraRule(r"layers\.1", rank=4)]
+    lm = randomize_lora(graphlora.transform(model, rules, (x,)))
+    assert {p.dtype for p in lm.lora_parameters()} == {torch.float32}
+    path = tmp_path / "m.onnx"
+    result = export_onnx(lm, path, (x,), lora="branch")
+    assert result.contrib_ops == ["MatMulBnb4"]
+    exported = onnx.load(path)
+    lora = [i for i in exported.graph.initializer if "lora_A" in i.name or "lora_B" in i.name]
+    assert len(lora) == 4 and {i.data_type for i in lora} == {onnx.TensorProto.FLOAT}
+    assert op_counts(exported)["Cast"] >= 6  # each branch in and out, MatMulBnb4 in and out
+    x2 = torch.randn(5, 32, dtype=torch.float16)
+    got = _run(path, {"x": x2})[0]
+    assert got.dtype == np.float16
+    with torch.no_grad():
+        assert rel_err(got, lm(x2).float()) < 5e-3  # float16 rounding, both sides
+
+
+def test_nf4_group_size_without_onnx_form_is_refused_at_transform():
+    """A group shorter than the row and not a multiple of 16 has no MatMulBnb4 form: transform
+    says so (rule and site) instead of training a model the export then refuses. A group of
+    the same size covering a whole row is fine."""
+    model = MLP(dims=(8, 24, 4)).eval()
+    rule = graphlora.LoraRule(".*", rank=2, weight_qtype="nf4", group_size=12)
+    with pytest.raises(graphlora.RuleError, match=r"rule #0 .*site 'layers\.1'.*group_size 12 over 24"):
+        graphlora.transform(model, [rule], (torch.randn(2, 8),))
+    lm = graphlora.transform(model, [graphlora.LoraRule("layers.0", rank=2, weight_qtype="nf4", group_size=12)],
+                             (torch.randn(2, 8),))
+    assert [s.weight_qtype for s in lm.sites] == ["nf4"]
+
+
+def test_nf4_weight_read_in_both_orientations_is_refused_at_transform():
+    """``(x @ w.T) @ w``: the second use reads the NF4 blocks along its output features, which
+    MatMulBnb4 cannot; transform names the use. int4 (QDQ) quantizes the same weight fine."""
+
+    class BothWays(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(32, 32) * 0.1)
+
+        def forward(self, x):
+            return (x @ self.w.T) @ self.w
+
+    x = torch.randn(2, 32)
+    with pytest.raises(graphlora.RuleError, match=r"site 'w#1' reads its weight transposed.*int4"):
+        graphlora.transform(BothWays(), [graphlora.QuantRule(".*", weight_qtype="nf4", group_size=16)], (x,))
+    lm = graphlora.transform(BothWays(), [graphlora.QuantRule(".*", weight_qtype="int4", group_size=16)], (x,))
+    assert [s.weight_qtype for s in lm.sites] == ["int4", "int4"]
+
+
 def test_fp8_weights_are_stored_as_float8(tmp_path):
     torch.manual_seed(0)
     lm = graphlora.transform(MLP((16, 32, 8)).eval(), graphlora.LoraRule(".*", rank=2),

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import graphlora
-from graphlora import LoraRule
+from graphlora import LoraRule, meta
 from toy_models import canonical_execution
 from toy_models import ids
 
@@ -303,3 +303,153 @@ def test_merged_lora_on_a_tied_lm_head_unties_it_in_config(tmp_path):
     assert merged.config.tie_word_embeddings is False
     with torch.no_grad():
         torch.testing.assert_close(merged(x, use_cache=False).logits, expected, rtol=0, atol=ATOL)
+
+
+def _safetensors_keys(directory, name="model.safetensors") -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / name), "pt") as f:
+        return sorted(f.keys())
+
+
+@pytest.mark.slow
+def test_tied_lm_head_is_saved_once_like_transformers(tmp_path):
+    """Llama with tie_word_embeddings: transformers' save_pretrained leaves lm_head.weight out
+    (from_pretrained ties it again); graphlora's base, merged and keep-quantized saves do too
+    when LoRA did not change the head, and from_pretrained loads them equal and tied."""
+    from toy_models import tiny_llama
+
+    model = tiny_llama(layers=1, tie=True)
+    x = ids(vocab=128)
+    model.save_pretrained(tmp_path / "hf")  # the peer's layout
+    expected_keys = _safetensors_keys(tmp_path / "hf")
+    assert "lm_head.weight" not in expected_keys
+    lm = graphlora.transform(model, [LoraRule(r".*q_proj", rank=4, alpha=8.0)], (x,), {"use_cache": False})
+    _randomize(lm.named_lora_parameters(), seed=5, std=0.1)
+
+    lm.save_pretrained(tmp_path / "base")
+    assert _safetensors_keys(tmp_path / "base") == expected_keys
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
+    for key, value in model.state_dict().items():
+        assert torch.equal(base.state_dict()[key], value), key
+
+    lm.save_pretrained(tmp_path / "merged", save_adapters_separately=False)
+    assert _safetensors_keys(tmp_path / "merged") == expected_keys
+    assert json.loads((tmp_path / "merged" / "config.json").read_text()).get("tie_word_embeddings", True)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad(), canonical_execution(lm):
+        torch.testing.assert_close(merged(x, use_cache=False).logits, lm(x).logits, rtol=0, atol=ATOL)
+
+    int4 = graphlora.transform(model, [LoraRule(r".*q_proj", rank=4, weight_qtype="int4", group_size=32)],
+                               (x,), {"use_cache": False})
+    int4.save_pretrained(tmp_path / "q", keep_quantized=True)
+    keys = _safetensors_keys(tmp_path / "q", "graphlora_quantized.safetensors")
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    back = graphlora.load_quantized(tiny_llama(layers=1, tie=True), tmp_path / "q", (x,), {"use_cache": False})
+    assert torch.equal(back(x).logits, int4(x).logits)
+
+
+def test_quantized_tied_lm_head_is_saved_untied(tmp_path):
+    """A quantized lm_head tied to the embedding computes with its grid values, the embedding
+    with its float ones: the base save keeps both keys, unties them in config.json (with a
+    warning), and from_pretrained reproduces the base the model computes with."""
+    from toy_models import tiny_llama
+
+    model = tiny_llama(layers=1, tie=True)
+    x = ids(vocab=128)
+    lm = graphlora.transform(model, [LoraRule(r"lm_head", rank=4, weight_qtype="int8")], (x,), {"use_cache": False})
+    with pytest.warns(graphlora.GraphloraWarning, match="lm_head.weight were tied.*tie_word_embeddings=false"):
+        lm.save_pretrained(tmp_path / "base")
+    keys = _safetensors_keys(tmp_path / "base")
+    assert "lm_head.weight" in keys and "model.embed_tokens.weight" in keys
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    assert base.config.tie_word_embeddings is False
+    assert torch.equal(base.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    with torch.no_grad(), lm.disable_adapter(), canonical_execution(lm):
+        torch.testing.assert_close(base(x, use_cache=False).logits, lm(x).logits, rtol=0, atol=ATOL)
+
+
+def _bf16_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval().to(torch.bfloat16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("autocast", [True, False])
+def test_bf16_llama_lora_dtype_matches_peft_autocast_adapter_dtype(tmp_path, autocast):
+    """A bf16 Llama: LoRA factors are float32 by default (bf16 with autocast_adapter_dtype=False),
+    as PEFT's get_peft_model makes them; forward equals PEFT's bit for bit (scale 1, so the
+    scale's place in the branch does not round differently), the saved adapter holds that dtype,
+    PEFT and graphlora load it back into it, and merging gives PEFT's merged weights."""
+    from safetensors import safe_open
+
+    model = _bf16_llama()
+    x = ids(vocab=128)
+    rules = [LoraRule(r".*(q_proj|v_proj)", rank=4, alpha=4.0)]
+    lm = graphlora.transform(model, rules, (x,), {"use_cache": False}, autocast_adapter_dtype=autocast)
+    want = torch.float32 if autocast else torch.bfloat16
+    assert {p.dtype for p in lm.lora_parameters()} == {want}
+    _randomize(lm.named_lora_parameters(), seed=2, std=0.1)
+    lm.save_pretrained(tmp_path, only_save_adapters=True)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {want}
+
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path,
+                                                autocast_adapter_dtype=autocast).eval()
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {want}
+    with torch.no_grad():
+        expected = peft_model(input_ids=x, use_cache=False).logits
+        with canonical_execution(lm):
+            got = lm(x).logits
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    # the fused execution: q and v cast their shared input once, so their A matrices still fuse
+    casts = [n for n in lm._executable().graph.nodes if meta.role(n) == "lora_cast_in"]
+    assert len(casts) == (1 if autocast else 0)
+    with torch.no_grad():
+        fused = lm(x).logits
+    assert (fused.float() - expected.float()).abs().max() <= 1e-2 * expected.float().abs().max()
+
+    again = graphlora.load_adapter(model, tmp_path, example_args=(x,), example_kwargs={"use_cache": False},
+                                   autocast_adapter_dtype=autocast)
+    assert {p.dtype for p in again.lora_parameters()} == {want}
+    with torch.no_grad(), canonical_execution(again):
+        assert torch.equal(again(x).logits, got)
+
+    merged = lm.merge().state_dict()
+    peft_merged = peft_model.merge_and_unload().state_dict()
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"):
+        assert merged[key].dtype == torch.bfloat16
+        if autocast:  # both fold the float32 delta into the bf16 weight, rounding once
+            assert torch.equal(merged[key], peft_merged[key]), key
+        else:  # PEFT rounds B @ A to bf16 before adding, graphlora adds the float32 product
+            torch.testing.assert_close(merged[key], peft_merged[key], rtol=0, atol=2e-2)
+
+
+@pytest.mark.slow
+def test_bf16_llama_trains_float32_factors():
+    """Gradients reach the float32 factors through the casts, and an optimizer step keeps
+    updates that factors stored in bf16 (8 significant bits) would round away."""
+    model = _bf16_llama()
+    x = ids(vocab=128)
+    lm = graphlora.transform(model, [LoraRule(r".*_proj", rank=4)], (x,), {"use_cache": False})
+    _randomize(lm.named_lora_parameters(), seed=3, std=0.1)
+    lm.train()
+    before = {n: p.detach().clone() for n, p in lm.named_lora_parameters()}
+    optimizer = torch.optim.SGD(lm.lora_parameters(), lr=1e-3)
+    lm(x).logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lm.lora_parameters())
+    optimizer.step()
+    kept = lost = 0
+    for name, p in lm.named_lora_parameters():
+        moved = p.detach() != before[name]
+        in_bf16 = p.detach().bfloat16() != before[name].bfloat16()
+        kept += int(moved.sum())
+        lost += int((moved & ~in_bf16).sum())
+    assert kept > 0.9 * sum(p.numel() for p in lm.lora_parameters())
+    assert lost > 0.5 * kept  # most of these updates do not survive a bf16 store

@@ -52,3 +52,52 @@ def test_llama_module_paths_and_tied_head():
     assert "model.layers.1.mlp.down_proj" in paths
     assert paths[-1] == "lm_head"  # not model.embed_tokens, although the weight is shared
     assert len(paths) == 2 * 7 + 1
+
+
+@pytest.mark.parametrize("method", ["export", "symbolic"])
+def test_every_spelling_rewrites_as_canonical_linear(method):
+    """as_linear gives each site aten.linear(x, W_(out,in), bias) with a spec that says so: the
+    same spec (kind aside) recognition finds in the rewritten graph, and the same function."""
+    m = AllSpellings().eval()
+    x = torch.randn(2, 3, 8)
+    gm = graphlora.trace(m, (x,), method=method)
+    expected = gm(x)
+    sites = find_linear_sites(gm)
+    before = {s.module_path: s.spec for s in sites}
+    changed = {s.module_path: s.as_linear() for s in sites}
+    # export spells nn.Linear / F.linear as aten.linear already; symbolic_trace as torch's F.linear
+    already = {"lin", "inp", "out"} if method == "export" else set()
+    assert changed == {path: path not in already for path in before}
+    assert not any(s.as_linear() for s in sites)  # already canonical
+    gm.graph.lint()
+    gm.recompile()
+    torch.testing.assert_close(gm(x), expected, rtol=1e-6, atol=1e-6)
+    assert all(s.node.target == torch.ops.aten.linear.default for s in sites)
+    found = {s.module_path: s.spec for s in find_linear_sites(gm)}
+    assert found == {s.module_path: s.spec for s in sites}
+    for path, spec in found.items():
+        old = before[path]
+        assert (spec.kind, spec.input_index, spec.weight_index) == ("linear", 0, 1)
+        assert (spec.use_layout, spec.param_layout, spec.in_features, spec.out_features) == (
+            old.use_layout, old.param_layout, old.in_features, old.out_features)
+    assert found["raw"].weight_transposed is False  # x @ raw.T: the transpose is stripped
+    assert found["conv"].weight_transposed is True and found["conv"].bias_index == 2  # addmm: one inserted
+    assert found["proj"].weight_transposed is True and found["proj"].bias_index is None
+    assert not any(n.op == "call_function" and n.target in (torch.ops.aten.addmm.default, torch.addmm)
+                   for n in gm.graph.nodes)
+
+
+def test_addmm_with_a_matrix_bias_stays_as_it_is():
+    class MatrixBias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 3))
+            self.b = torch.nn.Parameter(torch.randn(5, 3))  # one bias per row: not linear's
+
+        def forward(self, x):
+            return torch.addmm(self.b, x, self.w)
+
+    gm = graphlora.trace(MatrixBias(), (torch.randn(5, 4),))
+    (site,) = find_linear_sites(gm)
+    assert site.spec.kind == "addmm" and not site.as_linear()
+    assert site.node.target == torch.ops.aten.addmm.default

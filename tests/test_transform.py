@@ -298,3 +298,22 @@ def test_lora_linear_op_checks():
     y = torch.ops.graphlora.lora_linear(x, w, b, a, bb, 0.5)
     ref = torch.nn.functional.linear(x, w, b) + 0.5 * (x @ a.T) @ bb.T
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_model_is_called_like_the_original():
+    """merge() of a causal LM traced with use_cache=False: called like the original model (the
+    traced constant may be left out, passed again, arguments by position or by name); a call
+    the graph cannot serve names the argument."""
+    model = tiny_llama(layers=1)
+    x = ids(vocab=128)
+    lm = graphlora.transform(model, [LoraRule(r".*q_proj", rank=4)], (x,), {"use_cache": False})
+    _randomize_lora(lm)
+    merged = lm.merge()
+    with torch.no_grad():
+        expected = lm(x).logits
+        for out in (merged(x), merged(input_ids=x), merged(x, use_cache=False)):
+            torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(graphlora.InputError, match="use_cache=True differs"):
+        merged(x, use_cache=True)
+    with pytest.raises(graphlora.InputError, match="labels"):
+        merged(x, labels=x)

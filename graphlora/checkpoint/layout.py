@@ -14,22 +14,39 @@ from pathlib import Path
 from graphlora.io.peft_config import ADAPTER_CONFIG_NAME
 from graphlora.io.safetensors_io import SAFE_WEIGHTS_NAME
 
-__all__ = ["ADAPTERS_SUBDIR", "CONFIG_NAME", "is_weights_file", "resolve_adapter_dir"]
+__all__ = [
+    "ADAPTERS_SUBDIR",
+    "CONFIG_NAME",
+    "QUANT_CONFIG_NAME",
+    "QUANT_WEIGHTS_NAME",
+    "is_weights_file",
+    "resolve_adapter_dir",
+]
 
 #: Where the base+adapters layout puts the adapter (PEFT layout inside it).
 ADAPTERS_SUBDIR = "adapters"
 #: transformers' model config file.
 CONFIG_NAME = "config.json"
+#: A ``keep_quantized=True`` save: the rules and every quantized weight's encoding.
+QUANT_CONFIG_NAME = "graphlora_quantization.json"
+#: A ``keep_quantized=True`` save's tensors (codes and float tensors). Not ``model.safetensors``:
+#: transformers' ``from_pretrained`` must find no float checkpoint there, or it would load the
+#: float tensors and initialise every quantized weight at random (see ``checkpoint.quantized``).
+QUANT_WEIGHTS_NAME = "graphlora_quantized.safetensors"
 
-_WEIGHT_FILE = re.compile(
-    rf"{re.escape(SAFE_WEIGHTS_NAME[: -len('.safetensors')])}(-\d{{5}}-of-\d{{5}})?\.safetensors"
-    rf"|{re.escape(SAFE_WEIGHTS_NAME)}\.index\.json"
-)
+
+def _weights_family(name: str) -> str:
+    stem = re.escape(name[: -len(".safetensors")])
+    return rf"{stem}(-\d{{5}}-of-\d{{5}})?\.safetensors|{re.escape(name)}\.index\.json"
+
+
+_WEIGHT_FILE = re.compile(f"{_weights_family(SAFE_WEIGHTS_NAME)}|{_weights_family(QUANT_WEIGHTS_NAME)}")
 
 
 def is_weights_file(name: str) -> bool:
     """Whether ``name`` is a file of a base-model checkpoint: ``model.safetensors``, one of its
-    shards (``model-00001-of-00003.safetensors``) or the shard index."""
+    shards (``model-00001-of-00003.safetensors``) or the shard index, or the same files of a
+    keep-quantized save (``graphlora_quantized.safetensors`` ...)."""
     return _WEIGHT_FILE.fullmatch(name) is not None
 
 

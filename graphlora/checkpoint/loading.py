@@ -27,6 +27,7 @@ from graphlora.passes.insert_lora import param_features
 from graphlora.pipeline import transform
 from graphlora.sites import LinearSite, find_linear_sites, tagged_sites
 from graphlora.trace import TraceMethod
+from graphlora.validate import check_adapter_name
 
 __all__ = ["load_adapter"]
 
@@ -41,6 +42,8 @@ def load_adapter(
     method: TraceMethod = "export",
     subfolder: str | None = None,
     activate: bool | None = None,
+    allow_pickle: bool = False,
+    autocast_adapter_dtype: bool = True,
 ) -> LoraModel:
     """Load a PEFT LoRA adapter (saved by graphlora or PEFT) as ``adapter_name``; return the model.
 
@@ -50,21 +53,26 @@ def load_adapter(
     linear layer of the graph, also ones no rule of the LoraModel matched. An existing adapter of
     the same name is replaced. ``activate``: ``None`` activates the loaded adapter when the model
     had none active or it replaces an active one (PEFT's ``load_adapter`` leaves others active),
-    ``True``/``False`` force it.
+    ``True``/``False`` force it. ``autocast_adapter_dtype`` (PEFT's option): on a
+    float16/bfloat16 base the factors are float32 (the file's values cast to them), as PEFT's
+    ``PeftModel.from_pretrained`` loads them by default; ``False`` keeps the base's dtype.
 
-    Everything is checked before the model changes: the files (:func:`read_adapter`: missing
-    files, ``peft_type``, DoRA and other variants, corrupt weights), that every target is a linear
-    layer of the model, and every factor's shape (the first offending keys with expected shapes).
+    Everything is checked before the model changes: the adapter name, the files
+    (:func:`read_adapter`: missing files, ``peft_type``, DoRA and other variants, corrupt,
+    non-finite or non-float weights), that every target is a linear layer of the model, and every
+    factor's shape (the first offending keys with expected shapes). A legacy pickled
+    ``adapter_model.bin`` is only read with ``allow_pickle=True`` (docs/security.md).
     """
+    check_adapter_name(adapter_name)
     path = resolve_adapter_dir(adapter_dir, adapter_name, subfolder)
     _refuse_model_checkpoint(path)
-    adapter = read_adapter(path)
+    adapter = read_adapter(path, allow_pickle=allow_pickle)
     if not isinstance(model, LoraModel):
         model = _trace_for_adapter(model, example_args, example_kwargs, method, path)
         activate = True if activate is None else activate
     sites = _sites_by_path(model)
     _check_fit(adapter, sites, path)
-    _install(model, adapter, adapter_name, sites, activate)
+    _install(model, adapter, adapter_name, sites, activate, autocast_adapter_dtype)
     return model
 
 
@@ -77,7 +85,8 @@ def _refuse_model_checkpoint(path: Path) -> None:
         raise AdapterError(
             f"{path} holds a full model checkpoint ({weights[0]}) but no {ADAPTER_CONFIG_NAME}: it is "
             "not an adapter (a merged save has the LoRA folded into its weights). Load it with "
-            "from_pretrained / load_state_dict, or point load_adapter at an adapter directory"
+            "from_pretrained / load_state_dict (graphlora.load_quantized for a keep_quantized save), "
+            "or point load_adapter at an adapter directory"
         )
 
 
@@ -145,10 +154,12 @@ def _install(
     name: str,
     sites: Mapping[str, list[LinearSite]],
     activate: bool | None,
+    autocast_dtype: bool = True,
 ) -> None:
     """Create the adapter on the model (tagging untagged sites first) and copy its weights in."""
     specs = {
-        p: LoraSpec(rank=m.rank, alpha=float(m.alpha), dropout=adapter.lora_dropout, use_rslora=m.use_rslora)
+        p: LoraSpec(rank=m.rank, alpha=float(m.alpha), dropout=adapter.lora_dropout, use_rslora=m.use_rslora,
+                    autocast_dtype=autocast_dtype)
         for p, m in adapter.modules.items()
     }
     previous = model.active_adapters

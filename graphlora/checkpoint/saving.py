@@ -19,8 +19,9 @@ Three save options, as in the Kithara guide:
 
 A quantized base is saved dequantized (the float weights the model computes with) in both base
 layouts, so any library loads it. ``keep_quantized=True`` keeps its codes instead (graphlora's own
-format, read back by :func:`graphlora.load_quantized`; a merged save re-quantizes the merged
-weights with each site's rule) — see :mod:`graphlora.checkpoint.quantized`.
+format in ``graphlora_quantized.safetensors``, which transformers refuses rather than loading it
+as random weights, read back by :func:`graphlora.load_quantized`; a merged save re-quantizes the
+merged weights with each site's rule) — see :mod:`graphlora.checkpoint.quantized`.
 
 Every save is all-or-nothing: the directory is built under a hidden staging name next to the
 target and renamed into place (:func:`graphlora.io.atomic.atomic_directory`), so an error half-way
@@ -44,15 +45,27 @@ import torch.nn as nn
 
 from graphlora import meta
 from graphlora.checkpoint.adapter_state import active_as, adapter_layout, adapter_payload
-from graphlora.checkpoint.layout import ADAPTERS_SUBDIR, CONFIG_NAME, is_weights_file
-from graphlora.checkpoint.quantized import QUANT_CONFIG_NAME, quantized_state, requantize_merged
+from graphlora.checkpoint.layout import (
+    ADAPTERS_SUBDIR,
+    CONFIG_NAME,
+    QUANT_CONFIG_NAME,
+    QUANT_WEIGHTS_NAME,
+    is_weights_file,
+)
+from graphlora.checkpoint.quantized import (
+    QUANT_METHOD,
+    quantized_state,
+    requantize_merged,
+    transformers_quantization_config,
+)
 from graphlora.errors import GraphloraWarning, InputError
 from graphlora.graph_utils import is_own
 from graphlora.io.atomic import atomic_directory, atomic_write
 from graphlora.io.peft_config import ADAPTER_CONFIG_NAME
 from graphlora.io.peft_format import ADAPTER_FILES, LoraModule, write_adapter
-from graphlora.io.safetensors_io import write_state_dict
+from graphlora.io.safetensors_io import SAFE_WEIGHTS_NAME, write_state_dict
 from graphlora.model import LoraModel
+from graphlora.passes.weights import dequant_node
 from graphlora.sites import tagged_sites
 
 __all__ = ["SaveResult", "save_pretrained"]
@@ -150,7 +163,8 @@ class _Plan:
 
     def write(self, root: Path, max_shard_size: int | str) -> None:
         if self.state is not None:
-            write_state_dict(self.state, root, max_shard_size=max_shard_size)
+            name = SAFE_WEIGHTS_NAME if self.quantization is None else QUANT_WEIGHTS_NAME
+            write_state_dict(self.state, root, max_shard_size=max_shard_size, weights_name=name)
         if self.quantization is not None:
             with atomic_write(root / QUANT_CONFIG_NAME, "w", encoding="utf-8") as f:
                 json.dump(self.quantization, f, indent=2)
@@ -179,7 +193,8 @@ def _plan_adapters(
             state, quantization = quantized_state(model.graph_module, model.rules)
         else:
             state = _original_keys(model, model.base_state_dict(), what="base")
-        config = _export_config(model, untied=[])
+        untied = _drop_tied(model, state)
+        config = _export_config(model, untied, quantized=keep_quantized, why=_QUANTIZED_TIE)
     elif keep_quantized:
         raise InputError("keep_quantized=True applies to saves with a base model; this one saves adapters only")
     return _Plan(state=state, config=config, adapters=adapters, adapter_dirs=dirs, quantization=quantization)
@@ -192,8 +207,9 @@ def _plan_merged(model: LoraModel, adapter_name: str | None, keep_quantized: boo
     if keep_quantized:
         requantize_merged(merged)
         state, quantization = quantized_state(merged, model.rules)
-        return _Plan(state=state, config=_export_config(model, []), adapters={}, adapter_dirs={},
-                     quantization=quantization)
+        untied = _drop_tied(model, state)
+        return _Plan(state=state, config=_export_config(model, untied, quantized=True), adapters={},
+                     adapter_dirs={}, quantization=quantization)
     raw = merged.state_dict()
     state = {k: v for k, v in raw.items() if not k.endswith(MERGED_SUFFIX)}
     untied = []
@@ -204,16 +220,42 @@ def _plan_merged(model: LoraModel, adapter_name: str | None, keep_quantized: boo
             untied.append(original)
     _add_dequantized_weights(merged, state)
     state = _original_keys(model, state, what="merged")
+    untied = list(dict.fromkeys(untied + _drop_tied(model, state)))
     return _Plan(state=state, config=_export_config(model, untied), adapters={}, adapter_dirs={})
+
+
+def _drop_tied(model: LoraModel, state: dict[str, torch.Tensor]) -> list[str]:
+    """Leave tied weights out of ``state`` as transformers' ``save_pretrained`` does: a key the
+    model ties to another (``lm_head.weight`` to ``model.embed_tokens.weight``) is dropped when it
+    holds the same values, since ``from_pretrained`` ties it again (a Gemma-2-2B head is ~1 GB).
+    Returns the tied keys whose values differ from what they are tied to (a merged LoRA on the
+    head, a quantized head read off its grid): those are kept, and the config must untie them."""
+    differing = []
+    for key, source in model.source.get("tied_weights", {}).items():
+        if key not in state or source not in state:
+            continue
+        if _same_values(state[key], state[source]):
+            del state[key]
+        else:
+            differing.append(key)
+    return differing
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    same_view = a.device == b.device and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
+    return same_view or torch.equal(a, b)
 
 
 def _add_dequantized_weights(gm: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Quantized sites the merge did not touch (no LoRA, or an inactive adapter's) still read
-    packed storage, and their parameter is gone from the state dict: evaluate their dequantized
-    float weight so the merged checkpoint is a complete float model."""
+    packed storage, and their parameter is gone from the state dict (or, tied to another
+    reader, holds that reader's float values): evaluate the dequantized float weight each site
+    computes with, so the merged checkpoint is a complete float model of what ran."""
     for site in tagged_sites(gm):
         name = site.spec.weight_name
-        if name not in state:
+        if name not in state or dequant_node(site) is not None:
             state[name] = site.param_value().detach()
 
 
@@ -237,13 +279,21 @@ def _original_keys(model: LoraModel, state: dict[str, torch.Tensor], *, what: st
 # --------------------------------------------------------------------------- config.json
 
 
-def _export_config(model: LoraModel, untied: list[str]) -> Any | None:
+_MERGED_TIE = "LoRA changed them, not the weights they are tied to"
+_QUANTIZED_TIE = "the base computes with other values for them than for the weights they are tied to"
+
+
+def _export_config(model: LoraModel, untied: list[str], *, quantized: bool = False,
+                   why: str = _MERGED_TIE) -> Any | None:
     """A copy of the transformers config to write next to base weights (``None`` when the model
     did not come from transformers). A merged weight that was tied to another (a LoRA'd
-    ``lm_head`` tied to the embedding) no longer equals it, so the copy unties them."""
+    ``lm_head`` tied to the embedding) no longer equals it, so the copy unties them. A
+    keep-quantized save declares itself in ``quantization_config`` (so transformers refuses to
+    load it as a float model); a float save drops that declaration, which a config read from a
+    keep-quantized directory carries."""
     config = model.source.get("config")
     if untied:
-        _warn_untied(untied, has_config=config is not None)
+        _warn_untied(untied, why, has_config=config is not None)
     if config is None or not hasattr(config, "to_json_string"):
         return None
     config = copy.deepcopy(config)
@@ -252,18 +302,29 @@ def _export_config(model: LoraModel, untied: list[str]) -> Any | None:
         config.architectures = [model_class]
     if untied and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False
+    if quantized:
+        config.quantization_config = transformers_quantization_config()
+    elif _quant_method(config) == QUANT_METHOD:
+        del config.quantization_config
     return config
 
 
-def _warn_untied(untied: list[str], *, has_config: bool) -> None:
+def _quant_method(config: Any) -> str | None:
+    declared = getattr(config, "quantization_config", None)
+    if isinstance(declared, dict):
+        return declared.get("quant_method")
+    return getattr(declared, "quant_method", None)
+
+
+def _warn_untied(untied: list[str], why: str, *, has_config: bool) -> None:
     consequence = (
         "config.json is written with tie_word_embeddings=false"
         if has_config
-        else "loading this file into the original module class, which ties them again, loses the merge"
+        else "loading this file into the original module class, which ties them again, loses the difference"
     )
     warnings.warn(
-        f"merged weight(s) {', '.join(untied)} were tied to other weights that LoRA did not change; "
-        f"the merged save stores them separately ({consequence})",
+        f"weight(s) {', '.join(untied)} were tied to other weights, but {why}; the save stores "
+        f"them separately ({consequence})",
         GraphloraWarning,
         stacklevel=5,
     )
@@ -283,7 +344,7 @@ def _not_ours(target: Path) -> Callable[[str], bool]:
     adapter subdirectories), so a save never mixes with a stale one but keeps tokenizer files."""
 
     def keep(name: str) -> bool:
-        if name in ADAPTER_FILES or name == CONFIG_NAME or is_weights_file(name):
+        if name in ADAPTER_FILES or name in (CONFIG_NAME, QUANT_CONFIG_NAME) or is_weights_file(name):
             return False
         entry = target / name
         if entry.is_dir() and (name == ADAPTERS_SUBDIR or (entry / ADAPTER_CONFIG_NAME).is_file()):

@@ -11,7 +11,8 @@ from graphlora.cli.app import subcommand, wrap_help
 _SAVED_GRAPHS = """\
 A saved graph is one of:
   *.onnx        an ONNX model (external data is not needed)
-  *.pt2         a torch.export archive (torch.export.save)
+  *.pt2         a torch.export archive (torch.export.save); loading one unpickles it and a
+                crafted archive runs code, so it needs --allow-pickle (only for files you trust)
   *.graph.txt   a graph text written by graphlora.save_graph_text(graph, path)
                 or by `graphlora graph-text MODEL -o FILE`
 
@@ -29,6 +30,16 @@ def _diff_arguments(parser: argparse.ArgumentParser) -> None:
         "--summary", action="store_true", help="print only the summary grouped by module path, no unified diff"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing; only set the exit status")
+    _allow_pickle_argument(parser)
+
+
+def _allow_pickle_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read .pt2 archives (torch.export.load unpickles them: a crafted archive runs code; "
+        "only for files you trust)",
+    )
 
 
 @subcommand(
@@ -44,7 +55,9 @@ def _diff_arguments(parser: argparse.ArgumentParser) -> None:
 def run_diff(args: argparse.Namespace) -> int:
     from graphlora.diff import diff, read_graph_text
 
-    result = diff(read_graph_text(args.before), read_graph_text(args.after), context=args.context)
+    pickle = args.allow_pickle
+    before = read_graph_text(args.before, allow_pickle=pickle)
+    result = diff(before, read_graph_text(args.after, allow_pickle=pickle), context=args.context)
     if not args.quiet:
         if not result:
             print("no differences")
@@ -60,6 +73,7 @@ def run_diff(args: argparse.Namespace) -> int:
 def _graph_text_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("graph", help="saved graph (.onnx, .pt2, *.graph.txt)")
     parser.add_argument("-o", "--output", help="write to this file (atomically) instead of stdout")
+    _allow_pickle_argument(parser)
 
 
 @subcommand(
@@ -75,7 +89,7 @@ def _graph_text_arguments(parser: argparse.ArgumentParser) -> None:
 def run_graph_text(args: argparse.Namespace) -> int:
     from graphlora.diff import read_graph_text, save_graph_text
 
-    text = read_graph_text(args.graph)
+    text = read_graph_text(args.graph, allow_pickle=args.allow_pickle)
     if args.output:
         save_graph_text(text, args.output)
     else:

@@ -23,7 +23,8 @@ MODEL is one of:
                 with the directory's tokenizer, or input_ids of shape (2, 8) without one
   module:attr   a Python factory: a function (called without arguments) or an nn.Module
                 instance, in an importable module or a file (path/to/models.py:make_model;
-                the current directory is importable). The factory returns the model, or
+                the current directory is importable). The module is imported, so its code
+                RUNS: give only code you trust. The factory returns the model, or
                 (model, example_args) or (model, example_args, example_kwargs); example_args
                 is a tuple of positional inputs (a single tensor is wrapped), a dict in second
                 place is taken as example_kwargs
@@ -38,6 +39,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="transformers model directory or module:attr factory")
     parser.add_argument("--rules", required=True, metavar="RULES", help="rules file (.toml or .json)")
     parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="let a MODEL directory with pickled weights (pytorch_model.bin) load; unpickling runs "
+        "code, so only for files you trust (safetensors weights need no flag)",
+    )
+    parser.add_argument(
         "--method",
         choices=("export", "symbolic"),
         default="export",
@@ -51,7 +58,7 @@ def load_rules_and_model(args: argparse.Namespace, *, progress: bool) -> tuple[l
     from graphlora.rules_file import load_rules
 
     rules = load_rules(args.rules)
-    loaded = load_model(args.model, progress=progress)
+    loaded = load_model(args.model, progress=progress, allow_pickle=getattr(args, "allow_pickle", False))
     _require_inputs(loaded, args.model, args.method)
     return rules, loaded
 

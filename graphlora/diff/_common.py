@@ -14,7 +14,8 @@ GRAPH_TEXT_SUFFIX = ".graph.txt"
 # counters inside the same module path do not shift. ``base`` and ``weight`` only annotate nodes
 # that were already there, so those keep their op-based id and show up as "changed".
 INSERTED_ROLES = frozenset(
-    {"lora_a", "lora_b", "lora_dropout", "lora_scale", "lora_add", "quant", "dequant", "fake_quant", "observer"}
+    {"lora_a", "lora_b", "lora_dropout", "lora_scale", "lora_add", "lora_cast_in", "lora_cast_out",
+     "quant", "dequant", "fake_quant", "observer"}
 )
 ROLE_LABELS = {"lora_a": "lora_A", "lora_b": "lora_B"}
 # graphlora metadata fields that are shown elsewhere on the line or are not plain values.

@@ -338,17 +338,23 @@ def _align(b: list[_Record], a: list[_Record]) -> list[tuple[_Record, _Record]]:
 
 
 def diff(
-    before: Any, after: Any, *, context: int = 3, labels: tuple[str, str] = ("before", "after")
+    before: Any,
+    after: Any,
+    *,
+    context: int = 3,
+    labels: tuple[str, str] = ("before", "after"),
+    allow_pickle: bool = False,
 ) -> GraphDiff:
     """Structural diff of two graphs, aligned by canonical node id.
 
     ``before``/``after`` may be anything :func:`graph_text` accepts -- including two graph texts,
     which is how the transform pipeline records a diff per pass cheaply. ``bool(result)`` tells
     whether they differ; ``str(result)`` is a grouped summary followed by a unified diff whose
-    file headers are ``labels``.
+    file headers are ``labels``. ``allow_pickle`` lets saved ``.pt2`` archives be read (see
+    :func:`read_graph_text`: they run code; only for archives you trust).
     """
-    before_text = graph_text(before)
-    after_text = graph_text(after)
+    before_text = graph_text(before, allow_pickle=allow_pickle)
+    after_text = graph_text(after, allow_pickle=allow_pickle)
     b = _parse(before_text)
     a = _parse(after_text)
     bmap = {r.id: r for r in b}

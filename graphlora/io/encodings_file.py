@@ -28,11 +28,13 @@ supplies shapes and axes. Names: base weights by parameter name, activations as
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Mapping
 
 from graphlora.errors import FileFormatError, QuantizationError
 from graphlora.io.atomic import atomic_write
+from graphlora.io.json_file import expect, read_json
 from graphlora.quant import Encoding
 
 VERSION = "1.0.0"
@@ -75,37 +77,105 @@ def load_encodings(
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     axes: Mapping[str, int] | None = None,
 ) -> dict[str, Encoding]:
-    """Read an encodings file into Encoding objects by tensor name (FileFormatError if broken)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileFormatError(f"encodings file {os.fspath(path)!r} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise FileFormatError(
-            f"encodings file {os.fspath(path)!r} is not valid JSON (line {exc.lineno}, column {exc.colno})"
-        ) from None
+    """Read an encodings file into Encoding objects by tensor name (FileFormatError if broken:
+    not JSON, not UTF-8, nested too deeply, a field of the wrong type, a non-finite scale, ...)."""
+    where = os.fspath(path)
+    if not os.path.exists(where):
+        raise FileFormatError(f"encodings file {where!r} does not exist")
+    data = read_json(path, what="an encodings file")
     if not isinstance(data, dict) or "param_encodings" not in data and "activation_encodings" not in data:
         raise FileFormatError(
-            f"{os.fspath(path)!r} is not an encodings file: expected 'param_encodings' / "
+            f"{where!r} is not an encodings file: expected 'param_encodings' / "
             "'activation_encodings' lists"
         )
-    version = str(data.get("version", ""))
+    version = data.get("version", "")
+    if not isinstance(version, str):
+        raise FileFormatError(f"{where!r}: 'version' must be a string such as '1.0.0', got {version!r}")
     if version and not version.startswith("1."):
-        raise FileFormatError(f"{os.fspath(path)!r}: encodings version {version} is not supported (1.x)")
+        raise FileFormatError(f"{where!r}: encodings version {version} is not supported (1.x)")
     out: dict[str, Encoding] = {}
     for section in ("param_encodings", "activation_encodings"):
         entries = data.get(section, [])
         if not isinstance(entries, list):
-            raise FileFormatError(f"{os.fspath(path)!r}: {section} must be a list")
+            raise FileFormatError(f"{where!r}: {section} must be a list")
         for i, entry in enumerate(entries):
             name = entry.get("name") if isinstance(entry, dict) else None
-            if not name:
-                raise FileFormatError(f"{os.fspath(path)!r}: {section}[{i}] has no name")
-            try:
-                out[name] = Encoding.from_dict(
-                    entry, shape=(shapes or {}).get(name), axis=(axes or {}).get(name)
-                )
-            except QuantizationError as exc:
-                raise FileFormatError(f"{os.fspath(path)!r}: {section}[{i}] ({name}): {exc}") from None
+            if not name or not isinstance(name, str):
+                raise FileFormatError(f"{where!r}: {section}[{i}] has no name")
+            out[name] = encoding_from_entry(
+                entry, f"{where!r}: {section}[{i}] ({name})",
+                shape=(shapes or {}).get(name), axis=(axes or {}).get(name),
+            )
     return out
+
+
+_ENC_TYPES = ("PER_TENSOR", "PER_CHANNEL", "PER_BLOCK")
+
+
+def encoding_from_entry(
+    entry: object, where: str, *, shape: tuple[int, ...] | None = None, axis: int | None = None
+) -> Encoding:
+    """One encodings-file entry (``Encoding.to_dict``'s schema) as an :class:`Encoding`, with every
+    field's type and range checked first so a bad file names the field, not a torch error."""
+    if not isinstance(entry, dict):
+        raise FileFormatError(f"{where}: an encoding entry must be an object, got {type(entry).__name__}")
+    expect(entry, "enc_type", "str", where)
+    if entry["enc_type"] not in _ENC_TYPES:
+        raise FileFormatError(f"{where}: 'enc_type' must be one of {_ENC_TYPES}, got {entry['enc_type']!r}")
+    bw = expect(entry, "bw", "int", where)
+    if not 1 <= bw <= 32:
+        raise FileFormatError(f"{where}: 'bw' must be a bit width in 1..32, got {bw}")
+    expect(entry, "is_sym", "bool", where, required=False)
+    expect(entry, "dtype", "str", where, required=False)
+    _numbers(expect(entry, "scale", "list", where), "scale", where, integers=False)
+    if "offset" in entry:
+        _numbers(expect(entry, "offset", "list", where), "offset", where, integers=True)
+    block = expect(entry, "block_size", "int", where, required=False, nullable=True)
+    if block is not None and block < 1:
+        raise FileFormatError(f"{where}: 'block_size' must be a positive int, got {block}")
+    extra = expect(entry, "graphlora", "object", where, required=False, nullable=True) or {}
+    sub = f"{where}: graphlora"
+    expect(extra, "qtype", "str", sub, required=False)
+    expect(extra, "axis", "int", sub, required=False, nullable=True)
+    expect(extra, "scale_dtype", "str", sub, required=False)
+    dims = expect(extra, "shape", "list", sub, required=False)
+    if dims is not None:
+        _numbers(dims, "shape", sub, integers=True, minimum=0, allow_empty=True)
+    dq = expect(extra, "double_quant", "object", sub, required=False, nullable=True)
+    if dq is not None:
+        dq_where = f"{sub}.double_quant"
+        _numbers(expect(dq, "codes", "list", dq_where), "codes", dq_where, integers=True, minimum=-128, maximum=127)
+        _numbers(expect(dq, "scale", "list", dq_where), "scale", dq_where, integers=False)
+        expect(dq, "mean", "number", dq_where)
+        if expect(dq, "block_size", "int", dq_where) < 1:
+            raise FileFormatError(f"{dq_where}: 'block_size' must be a positive int")
+    try:
+        return Encoding.from_dict(entry, shape=shape, axis=axis)
+    except QuantizationError as exc:
+        raise FileFormatError(f"{where}: {exc}") from None
+    except (ValueError, TypeError, RuntimeError, IndexError, OverflowError, ZeroDivisionError) as exc:
+        # sizes that do not fit together (a scale list of the wrong length for the shape, ...)
+        raise FileFormatError(f"{where}: inconsistent encoding ({type(exc).__name__}: {exc})") from None
+
+
+def _numbers(
+    values: list,
+    key: str,
+    where: str,
+    *,
+    integers: bool,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    allow_empty: bool = False,
+) -> None:
+    if not values and not allow_empty:
+        raise FileFormatError(f"{where}: {key!r} is empty")
+    for i, v in enumerate(values):
+        ok = isinstance(v, int) if integers else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok:
+            kind = "integers" if integers else "numbers"
+            raise FileFormatError(f"{where}: {key!r} must be a list of {kind}; item {i} is {v!r}")
+        if not integers and not math.isfinite(v):
+            raise FileFormatError(f"{where}: {key!r} item {i} is {v!r}; values must be finite")
+        if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+            raise FileFormatError(f"{where}: {key!r} item {i} = {v} is outside [{minimum}, {maximum}]")

@@ -22,7 +22,6 @@ forces the optional ``(.*\\.)?`` prefix to be empty, so each key selects exactly
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -34,6 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphlora.errors import AdapterError, FileFormatError, GraphloraWarning
+from graphlora.io.json_file import read_json
+from graphlora.patterns import PatternSet
+from graphlora.validate import check_lora_alpha
 
 if TYPE_CHECKING:
     from graphlora.io.peft_format import LoraModule
@@ -142,34 +144,47 @@ class LoraModuleSpec:
 # PEFT name matching
 
 
-def resolve_pattern(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
+_PATTERN_KEY = r"(.*\.)?({})$"
+
+
+def _matcher(matcher: PatternSet | None) -> PatternSet:
+    return matcher if matcher is not None else PatternSet(ADAPTER_CONFIG_NAME, error=FileFormatError)
+
+
+def resolve_pattern(
+    patterns: Mapping[str, Any], path: str, default: Any, *, matcher: PatternSet | None = None
+) -> Any:
     """The value PEFT picks for ``path`` from a ``rank_pattern``/``alpha_pattern`` dict: the first
-    key (in order) with ``re.match(rf"(.*\\.)?({key})$", path)``, else ``default``."""
+    key (in order) with ``re.match(rf"(.*\\.)?({key})$", path)``, else ``default``. Keys are
+    matched within a time bound (:mod:`graphlora.patterns`); pass the ``matcher`` of the config
+    being read so errors name its file."""
+    found = _matcher(matcher)
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", path):
+        if found.compile(key, "pattern key", template=_PATTERN_KEY).match(path):
             return patterns[key]
     return default
 
 
-def peft_selects(config: Mapping[str, Any], path: str) -> bool:
+def peft_selects(config: Mapping[str, Any], path: str, *, matcher: PatternSet | None = None) -> bool:
     """Whether PEFT's ``check_target_module_exists`` would adapt the module named ``path``
     (``exclude_modules``, ``modules_to_save``, ``target_modules`` as list or regex,
-    ``layers_to_transform``/``layers_pattern``)."""
+    ``layers_to_transform``/``layers_pattern``). Regexes are matched within a time bound."""
+    rx = _matcher(matcher)
     exclude = config.get("exclude_modules")
     if exclude:
         if isinstance(exclude, str):
-            if re.fullmatch(exclude, path):
+            if rx.compile(exclude, "'exclude_modules'").fullmatch(path):
                 return False
         elif path in exclude or any(path.endswith(f".{e}") for e in exclude):
             return False
     for m in config.get("modules_to_save") or ():
-        if re.match(rf"(^|.*\.){m}($|\..*)", path):
+        if rx.compile(m, "'modules_to_save' entry", template=r"(^|.*\.){}($|\..*)").match(path):
             return False
     targets = config.get("target_modules")
     if targets is None:
         return False
     if isinstance(targets, str):
-        return targets == "all-linear" or re.fullmatch(targets, path) is not None
+        return targets == "all-linear" or rx.compile(targets, "'target_modules'").fullmatch(path)
     if path in targets:
         return True
     if not any(path.endswith(f".{t}") for t in targets):
@@ -183,7 +198,7 @@ def peft_selects(config: Mapping[str, Any], path: str) -> bool:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
     else:
         for p in [pattern] if isinstance(pattern, str) else pattern:
-            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path)
+            match = rx.compile(p, "'layers_pattern'", template=r"(?:^|.*?\.){}\.(?P<idx>\d+)\.").run("match", path)
             if match:
                 break
     if match is None:
@@ -303,6 +318,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _check_regex(patterns: PatternSet, pattern: str, what: str, template: str = "{}") -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise FileFormatError(f"{patterns.source}: {what} is not a valid regex: {exc}") from None
+    patterns.compile(pattern, what, template=template)
+
+
+def _is_names(value: Any) -> bool:
+    """null, a string, or a list of strings (PEFT's str | list[str] | None fields)."""
+    return value is None or isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(v, str) for v in value)
+    )
+
+
 def _truthy(value: Any) -> bool:
     return value not in (None, False, 0, "", [], {}, ())
 
@@ -345,8 +375,8 @@ def validate_adapter_config(config: Mapping[str, Any], source: str = ADAPTER_CON
 
     r = config.get("r", 8)
     _require(_is_int(r) and r > 0, source, f"'r' must be a positive int, got {r!r}")
-    alpha = config.get("lora_alpha", 8)
-    _require(_is_number(alpha), source, f"'lora_alpha' must be a number, got {alpha!r}")
+    check_lora_alpha(config.get("lora_alpha", 8), f"{source}: 'lora_alpha'", positive=False, error=FileFormatError)
+    patterns = PatternSet(source, error=FileFormatError)
     for name in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(name) or {}
         _require(isinstance(pattern, Mapping), source, f"'{name}' must be an object, got {pattern!r}")
@@ -356,12 +386,8 @@ def validate_adapter_config(config: Mapping[str, Any], source: str = ADAPTER_CON
                 source,
                 f"'{name}' entry {key!r} must be a positive number, got {value!r}",
             )
-            try:
-                re.compile(key)
-            except re.error as exc:
-                raise FileFormatError(
-                    f"{source}: '{name}' key {key!r} is not a valid regex: {exc}"
-                ) from exc
+            check_lora_alpha(value, f"{source}: '{name}' entry {key!r}", error=FileFormatError)
+            _check_regex(patterns, key, f"'{name}' key {key!r}", template=_PATTERN_KEY)
     for key, value in (config.get("rank_pattern") or {}).items():
         _require(_is_int(value), source, f"'rank_pattern' entry {key!r} must be an int, got {value!r}")
     dropout = config.get("lora_dropout", 0.0)
@@ -373,17 +399,25 @@ def validate_adapter_config(config: Mapping[str, Any], source: str = ADAPTER_CON
     for name in ("use_rslora", "fan_in_fan_out"):
         _require(isinstance(config.get(name, False), bool), source, f"'{name}' must be true or false")
     targets = config.get("target_modules")
+    _require(_is_names(targets), source,
+             f"'target_modules' must be null, a regex string or a list of names, got {targets!r}")
+    if isinstance(targets, str) and targets != "all-linear":
+        _check_regex(patterns, targets, "'target_modules'")
+    exclude = config.get("exclude_modules")
+    _require(_is_names(exclude), source,
+             f"'exclude_modules' must be null, a regex string or a list of names, got {exclude!r}")
+    if isinstance(exclude, str):
+        patterns.compile(exclude, "'exclude_modules'")
+    layers = config.get("layers_pattern")
+    _require(_is_names(layers), source, f"'layers_pattern' must be null, a string or a list of strings, got {layers!r}")
+    for p in [layers] if isinstance(layers, str) else layers or ():
+        patterns.compile(p, "'layers_pattern'")
+    indexes = config.get("layers_to_transform")
     _require(
-        targets is None or isinstance(targets, str)
-        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets)),
+        indexes is None or _is_int(indexes) or (isinstance(indexes, list) and all(_is_int(i) for i in indexes)),
         source,
-        f"'target_modules' must be null, a regex string or a list of names, got {targets!r}",
+        f"'layers_to_transform' must be null, an int or a list of ints, got {indexes!r}",
     )
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as exc:
-            raise FileFormatError(f"{source}: 'target_modules' is not a valid regex: {exc}") from exc
     unknown = sorted(k for k in config if k not in _KNOWN_FIELDS and _truthy(config[k]))
     if unknown:
         warnings.warn(
@@ -404,20 +438,13 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = root / ADAPTER_CONFIG_NAME
     if not root.is_dir():
         raise AdapterError(f"adapter directory {root} does not exist")
-    if not path.is_file():
+    if not path.exists():
         hint = (
             " (it holds a full model checkpoint: config.json/model weights, not an adapter)"
             if (root / "config.json").exists()
             else ""
         )
         raise AdapterError(f"{ADAPTER_CONFIG_NAME} is missing from {root}{hint}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FileFormatError(
-            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        ) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FileFormatError(f"cannot read {path}: {exc}") from exc
+    config = read_json(path, what="a PEFT adapter config")
     validate_adapter_config(config, str(path))
     return config

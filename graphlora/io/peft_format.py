@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from graphlora.errors import AdapterError, FileFormatError
+from graphlora.errors import AdapterError, FileFormatError, UnsafeFileError
 from graphlora.io.atomic import atomic_directory
 from graphlora.io.peft_config import (
     ADAPTER_CONFIG_NAME,
@@ -39,7 +39,9 @@ from graphlora.io.peft_config import (
     resolve_pattern,
 )
 from graphlora.io.safetensors_io import read_safetensors, write_json, write_safetensors
+from graphlora.patterns import PatternSet
 from graphlora.scaling import lora_scale
+from graphlora.validate import check_lora_factor
 
 __all__ = [
     "ADAPTER_FILES",
@@ -81,17 +83,24 @@ def peft_lora_keys(path: str) -> tuple[str, str]:
     return PEFT_KEY_PREFIX + a, PEFT_KEY_PREFIX + b
 
 
-_LORA_KEY = re.compile(r"(?P<path>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.weight")
+_FACTORS = {"lora_A": "A", "lora_B": "B"}
 
 
 def parse_lora_key(key: str) -> tuple[str, str, str | None] | None:
     """``(module_path, "A" | "B", adapter_name or None)`` for a LoRA factor key (with or without
-    the ``base_model.model.`` prefix), or ``None`` if ``key`` is not one."""
+    the ``base_model.model.`` prefix), or ``None`` if ``key`` is not one:
+    ``<path>.lora_A.weight`` or ``<path>.lora_A.<adapter>.weight`` (an adapter name has no dot).
+    String splitting, not a regex: keys come from files and may be arbitrarily long."""
     stripped = key[len(PEFT_KEY_PREFIX) :] if key.startswith(PEFT_KEY_PREFIX) else key
-    match = _LORA_KEY.fullmatch(stripped)
-    if match is None:
+    if not stripped.endswith(".weight"):
         return None
-    return match.group("path"), match.group("factor"), match.group("adapter")
+    head, _, last = stripped[: -len(".weight")].rpartition(".")
+    if last in _FACTORS and head:
+        return head, _FACTORS[last], None
+    path, _, factor = head.rpartition(".")
+    if factor in _FACTORS and path and last:
+        return path, _FACTORS[factor], last
+    return None
 
 
 def lora_shapes(
@@ -239,7 +248,7 @@ class LoraAdapter:
 
 
 def _read_weights(
-    root: Path, device: str | torch.device
+    root: Path, device: str | torch.device, allow_pickle: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
     st = root / ADAPTER_WEIGHTS_NAME
     if st.is_file():
@@ -247,6 +256,12 @@ def _read_weights(
         return tensors, metadata, st
     legacy = root / ADAPTER_LEGACY_WEIGHTS_NAME
     if legacy.is_file():
+        if not allow_pickle:
+            raise UnsafeFileError(
+                f"{legacy} is a pickle (PyTorch's legacy format) and {root} has no {ADAPTER_WEIGHTS_NAME}. "
+                "graphlora unpickles nothing unless told to: convert it to safetensors, or pass "
+                "allow_pickle=True if you trust the file (it is then read with torch.load(weights_only=True))"
+            )
         try:
             obj = torch.load(legacy, map_location=device, weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt pickles/zips
@@ -273,12 +288,13 @@ def _unsupported_key(key: str) -> str:
 
 
 def read_adapter(
-    directory: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+    directory: str | os.PathLike[str], *, device: str | torch.device = "cpu", allow_pickle: bool = False
 ) -> LoraAdapter:
     """Read and validate a PEFT LoRA adapter directory (saved by graphlora or by PEFT).
 
     Checks, in order: the config (see :func:`validate_adapter_config`); the weights file
-    (``adapter_model.safetensors``, else legacy ``adapter_model.bin``); every key is a LoRA factor
+    (``adapter_model.safetensors``, else legacy ``adapter_model.bin``, a pickle read only with
+    ``allow_pickle=True``); every factor is a finite floating-point tensor; every key is a LoRA factor
     (``base_model.model.<path>.lora_A.weight``, or with an adapter name — one name only); each
     module has 2-D ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)`` with matching ``r``; ``r``
     equals the rank PEFT would build (``rank_pattern``/``r``); ``target_modules`` selects every
@@ -286,8 +302,9 @@ def read_adapter(
     """
     root = Path(directory)
     config = read_adapter_config(root)
-    tensors, metadata, weights_file = _read_weights(root, device)
+    tensors, metadata, weights_file = _read_weights(root, device, allow_pickle)
     source = str(weights_file)
+    patterns = PatternSet(str(root / ADAPTER_CONFIG_NAME), error=FileFormatError)
 
     factors: dict[str, dict[str, torch.Tensor]] = {}
     adapter_names: set[str | None] = set()
@@ -298,6 +315,7 @@ def read_adapter(
             problems.append(f"{key} ({_unsupported_key(key)})")
             continue
         path, factor, adapter_name = parsed
+        check_lora_factor(tensor, key, source=source, error=FileFormatError)
         adapter_names.add(adapter_name)
         slot = factors.setdefault(path, {})
         if factor in slot:
@@ -338,18 +356,18 @@ def read_adapter(
                 f"{source}: module {path!r}: lora_A {list(a.shape)} has rank {a.shape[0]} but lora_B "
                 f"{list(b.shape)} has rank {b.shape[1]}"
             )
-        rank = resolve_pattern(rank_pattern, path, r_default)
+        rank = resolve_pattern(rank_pattern, path, r_default, matcher=patterns)
         if a.shape[0] != rank:
             raise AdapterError(
                 f"{source}: module {path!r} has rank {a.shape[0]} but {ADAPTER_CONFIG_NAME} gives it "
                 f"rank {rank} (r / rank_pattern); PEFT would fail to load this adapter"
             )
-        if config.get("target_modules") is not None and not peft_selects(config, path):
+        if config.get("target_modules") is not None and not peft_selects(config, path, matcher=patterns):
             raise AdapterError(
                 f"{source}: weights for {path!r}, but target_modules="
                 f"{config.get('target_modules')!r} does not select that module; PEFT would ignore them"
             )
-        alpha = resolve_pattern(alpha_pattern, path, alpha_default)
+        alpha = resolve_pattern(alpha_pattern, path, alpha_default, matcher=patterns)
         modules[path] = LoraModule(
             path=path,
             rank=int(rank),

@@ -39,8 +39,9 @@ from typing import Literal
 
 import torch
 
-from graphlora.errors import AdapterError, FileFormatError
-from graphlora.io.atomic import atomic_directory, atomic_path, atomic_write
+from graphlora.errors import AdapterError, FileFormatError, InputError
+from graphlora.io.atomic import TargetNotADirectoryError, atomic_directory, atomic_path, atomic_write
+from graphlora.io.json_file import read_json
 
 __all__ = [
     "SAFE_WEIGHTS_INDEX_NAME",
@@ -71,7 +72,7 @@ def parse_size(size: int | str) -> int:
     ``max_shard_size`` shards the same way), including its quirk that a trailing lower-case ``b``
     means bits. Refuses non-positive sizes."""
     if isinstance(size, bool):
-        raise TypeError("max_shard_size must be an int or a string such as '5GB', not a bool")
+        raise InputError("max_shard_size must be an int or a string such as '5GB', not a bool")
     if isinstance(size, int):
         value = size
     elif isinstance(size, str):
@@ -95,14 +96,14 @@ def parse_size(size: int | str) -> int:
         except ValueError:
             value = None
         if value is None:
-            raise ValueError(
-                f"size {size!r} is not in a valid format: use an int (bytes) or an integer followed "
-                "by GB/MB/KB (10**9/10**6/10**3 bytes) or GiB/MiB/KiB (2**30/2**20/2**10), e.g. '5GB'"
+            raise InputError(
+                f"max_shard_size {size!r} is not in a valid format: use an int (bytes) or an integer "
+                "followed by GB/MB/KB (10**9/10**6/10**3 bytes) or GiB/MiB/KiB (2**30/2**20/2**10), e.g. '5GB'"
             )
     else:
-        raise TypeError(f"max_shard_size must be an int or a str, not {type(size).__name__}")
+        raise InputError(f"max_shard_size must be an int or a str such as '5GB', not {type(size).__name__}")
     if value <= 0:
-        raise ValueError(f"size must be positive, got {size!r}")
+        raise InputError(f"max_shard_size must be positive, got {size!r}")
     return value
 
 
@@ -295,7 +296,7 @@ def write_state_dict(
         raise ValueError(f"weights_name must end in .safetensors, got {weights_name!r}")
     root = Path(directory)
     if not root.is_dir():
-        raise NotADirectoryError(f"{root} is not a directory")
+        raise TargetNotADirectoryError(f"{root} is not a directory")
     prepared, dropped = _prepare(state_dict, shared, drop)
     sizes = {key: _nbytes(t) for key, t in prepared.items()}
     plan = plan_shards(sizes, max_shard_size, weights_name)
@@ -397,23 +398,8 @@ def read_safetensors(
     return tensors, metadata
 
 
-def _read_json(path: Path) -> object:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise FileFormatError(f"{path} does not exist") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FileFormatError(f"cannot read {path}: {exc}") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FileFormatError(
-            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        ) from exc
-
-
 def _load_index(index_path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
-    index = _read_json(index_path)
+    index = read_json(index_path, what="a safetensors index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

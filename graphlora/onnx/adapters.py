@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from graphlora.adapters import lora_param_name
-from graphlora.errors import AdapterError, ExportError
+from graphlora.errors import AdapterError, ExportError, FileFormatError
 from graphlora.graph_utils import get_tensor
 from graphlora.io.atomic import atomic_path
 from graphlora.passes.export_lora_inputs import adapter_input_name, input_layout
@@ -80,18 +80,33 @@ def write_adapter(
 
 
 def read_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The tensors of an onnxruntime adapter file."""
+    """The tensors of an onnxruntime adapter file, checked: a truncated or foreign file, or one
+    holding non-float or non-finite tensors, raises :class:`~graphlora.errors.FileFormatError`."""
     import onnxruntime as ort
 
     if not Path(path).is_file():
         raise AdapterError(f"no adapter file at {path}")
-    fmt = ort.AdapterFormat.read_adapter(os.fspath(path))
-    # the arrays view memory owned by ``fmt``: copy before it goes away
-    return {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
+    try:
+        fmt = ort.AdapterFormat.read_adapter(os.fspath(path))
+        params = fmt.get_parameters()
+        # the arrays view memory owned by ``fmt``: copy before it goes away
+        tensors = {k: np.array(v.numpy(), copy=True) for k, v in params.items()}
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise FileFormatError(
+            f"{path}: not a readable onnxruntime adapter file (truncated or another format?): "
+            f"{_first_line(exc)}"
+        ) from None
+    for name, value in tensors.items():
+        if value.dtype.kind != "f":
+            raise FileFormatError(f"{path}: tensor {name!r} has dtype {value.dtype}; LoRA tensors are floating point")
+        if value.size and not np.isfinite(value).all():
+            raise FileFormatError(f"{path}: tensor {name!r} holds NaN/Inf values")
+    return tensors
 
 
 def load_adapter(adapter):
-    """An ``onnxruntime.LoraAdapter`` from a path (a loaded adapter is returned as is)."""
+    """An ``onnxruntime.LoraAdapter`` from a path (a loaded adapter is returned as is); the file is
+    checked first as by :func:`read_adapter`."""
     import onnxruntime as ort
 
     if isinstance(adapter, ort.LoraAdapter):
@@ -99,7 +114,15 @@ def load_adapter(adapter):
     path = Path(adapter)
     if not path.is_file():
         raise AdapterError(f"no onnxruntime adapter file at {path}")
+    read_adapter(path)
     loaded = ort.LoraAdapter()
-    loaded.Load(os.fspath(path))
+    try:
+        loaded.Load(os.fspath(path))
+    except (RuntimeError, ValueError) as exc:
+        raise FileFormatError(f"{path}: onnxruntime cannot load this adapter file: {_first_line(exc)}") from None
     return loaded
 
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import torch
 from torch import fx, nn
 
 from graphlora.errors import ExportError, MissingDependencyError
-from graphlora.io.atomic import atomic_path, atomic_write
+from graphlora.io.atomic import atomic_path, atomic_write, target_lock
 from graphlora.onnx.prepare import check_lora_mode, prepare
 from graphlora.passes.base import PassRecord
 from graphlora.passes.export_lora_inputs import LoraInput
@@ -392,9 +393,11 @@ def save_model(model, path: str | os.PathLike, *, external_data: bool | None = N
 
     With external data the tensors go to ``<name>.<token>.data`` first (a fresh name, so a
     reader of the previous model never sees it change), then the model file is renamed into
-    place — the commit point — and older ``<name>.*.data`` files are removed.
+    place — the commit point — and every other ``<name>.<token>.data`` is removed: the previous
+    model's, and any a crashed export left. The whole write holds the target's lock
+    (:func:`graphlora.io.atomic.target_lock`), so two exports to the same path run one after the
+    other and the model file always names a data file that exists.
     """
-    import onnx
     import onnx_ir as ir
 
     path = Path(path)
@@ -402,38 +405,45 @@ def save_model(model, path: str | os.PathLike, *, external_data: bool | None = N
         raise ExportError(f"export path {path} is a directory; give a file name like model.onnx")
     use_external = bool(external_data) if external_data is not None else (
         _model_bytes(model) > TWO_GB - _EXTERNAL_MARGIN)
-    if not use_external:
-        proto = ir.serde.serialize_model(model)
-        _check(proto)
-        with atomic_write(path) as fh:
-            fh.write(proto.SerializeToString())
-        return None
-    import secrets
+    with target_lock(path):
+        if not use_external:
+            proto = ir.serde.serialize_model(model)
+            _check(proto)
+            with atomic_write(path) as fh:
+                fh.write(proto.SerializeToString())
+            _remove_data_files(path, keep=None)
+            return None
+        import secrets
 
-    data_name = f"{path.name}.{secrets.token_hex(4)}.data"
-    data_path = path.parent / data_name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written: list[int] = []  # inode of the new model file, to tell whether the rename happened
-    try:
-        with atomic_path(path) as tmp:
-            ir.save(model, tmp, external_data=data_name)
-            _fsync(data_path)
-            _check(str(tmp))
-            written.append(os.stat(tmp).st_ino)
-    finally:
-        # An error after the rename (the commit point: e.g. fsync of the directory) leaves the
-        # new model in place, and it needs its data file; before it, the data file is an orphan.
-        committed = bool(written) and _inode(path) == written[0]
-        if not committed:
-            with contextlib.suppress(FileNotFoundError):
-                data_path.unlink()
-        else:
-            for stale in path.parent.glob(f"{path.name}.*.data"):
-                if stale.name != data_name:
-                    with contextlib.suppress(OSError):
-                        stale.unlink()
-    del onnx
+        data_name = f"{path.name}.{secrets.token_hex(4)}.data"
+        data_path = path.parent / data_name
+        written: list[int] = []  # inode of the new model file, to tell whether the rename happened
+        try:
+            with atomic_path(path) as tmp:
+                ir.save(model, tmp, external_data=data_name)
+                _fsync(data_path)
+                _check(str(tmp))
+                written.append(os.stat(tmp).st_ino)
+        finally:
+            # An error after the rename (the commit point: e.g. fsync of the directory) leaves the
+            # new model in place, and it needs its data file; before it, the data file is an orphan.
+            committed = bool(written) and _inode(path) == written[0]
+            if not committed:
+                with contextlib.suppress(FileNotFoundError):
+                    data_path.unlink()
+            else:
+                _remove_data_files(path, keep=data_name)
     return data_path
+
+
+def _remove_data_files(path: Path, keep: str | None) -> None:
+    """Delete the external data files of earlier exports to ``path`` (``<name>.<8 hex>.data``,
+    exactly the names this module writes) except ``keep``; called holding the target's lock."""
+    pattern = re.compile(re.escape(path.name) + r"\.[0-9a-f]{8}\.data")
+    for entry in os.listdir(path.parent):
+        if entry != keep and pattern.fullmatch(entry):
+            with contextlib.suppress(OSError):
+                (path.parent / entry).unlink()
 
 
 def _inode(path: Path) -> int | None:

@@ -11,7 +11,9 @@ the batch has many tokens. Autograd through that form would compute the full wei
 Per site that saves two small GEMMs and two elementwise passes over the activations, in forward
 and backward. Like sibling fusion this is an *execution* rewrite, applied to the copy of the graph
 :class:`~graphlora.LoraModel` runs, never to the canonical graph. Sites with LoRA dropout are left
-alone (dropout applies to the branch's input only, which the effective weight cannot express).
+alone (dropout applies to the branch's input only, which the effective weight cannot express),
+and so are mixed-precision branches (float32 factors on a half-precision base), whose base and
+delta are computed in different dtypes.
 """
 
 from __future__ import annotations
@@ -35,8 +37,16 @@ def lora_linear(
     scale: float,
 ) -> torch.Tensor:
     """``linear(x, weight, bias) + scale * linear(linear(x, lora_a), lora_b)``, in one GEMM."""
-    effective = torch.addmm(weight, lora_b, lora_a, alpha=scale)
+    effective = _effective_weight(weight, lora_a, lora_b, scale)
     return torch.nn.functional.linear(x, effective, bias)
+
+
+def _effective_weight(weight, lora_a, lora_b, scale):
+    """``W + scale B A`` in ``W``'s memory layout: a Conv1D weight read transposed stays so, and
+    the GEMM sums as the model's own op did (bit for bit while B = 0)."""
+    if weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) != 1:
+        return torch.addmm(weight.t(), lora_a.t(), lora_b.t(), alpha=scale).t()
+    return torch.addmm(weight, lora_b, lora_a, alpha=scale)
 
 
 @lora_linear.register_fake
@@ -58,7 +68,7 @@ def _backward(ctx, grad):
     x2 = x.reshape(-1, x.shape[-1])
     dx = dbias = da = db = None
     if need_x:
-        effective = torch.addmm(weight, lora_b, lora_a, alpha=s)
+        effective = _effective_weight(weight, lora_a, lora_b, s)
         dx = (g2 @ effective).reshape(x.shape)
     if need_bias:
         dbias = g2.sum(0)
@@ -76,8 +86,8 @@ def _fusable(br: LoraBranch) -> bool:
     """A standard branch straight on an ``aten.linear`` site: nothing between its ops (no dropout,
     no quantizer), it alone reads the site's output, and it reads the site's own input."""
     base, a, scale, b = br.site.node, br.a, br.scale, br.b
-    if not br.standard or scale is None or br.dropout is not None:
-        return False
+    if not br.standard or scale is None or br.dropout is not None or br.mixed_precision:
+        return False  # (float32 factors on a bf16 base: one effective weight has no one dtype)
     if br.add.args[1] is not b or b.args[0] is not scale or scale.args[0] is not a:
         return False
     if not isinstance(scale.args[1], float):

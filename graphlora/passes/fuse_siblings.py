@@ -165,8 +165,25 @@ def _fuse(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], has_bias: bool) 
     _replace(graph, nodes, pieces)
 
 
+def _share_input_casts(graph: fx.Graph) -> None:
+    """One cast per (input, dtype): mixed-precision branches of sibling sites (q/k/v on a bf16
+    base, float32 factors) each cast the same input up; sharing the first cast lets their
+    ``A`` matrices read one node, so they fuse like same-precision siblings do."""
+    first: dict[tuple, fx.Node] = {}
+    for node in list(graph.nodes):
+        if meta.role(node) != "lora_cast_in":
+            continue
+        key = (node.args[0], node.kwargs.get("dtype"))
+        if key in first:
+            node.replace_all_uses_with(first[key])
+            graph.erase_node(node)
+        else:
+            first[key] = node
+
+
 def fused_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule running ``gm``'s graph with sibling linears fused.
+    """A GraphModule running ``gm``'s graph with its sites fused: each with its LoRA branch, and
+    siblings that read one input into one GEMM, whatever op spelled the site in the model.
 
     The copy references ``gm``'s own submodules and tensors (``fx.GraphModule(root, graph)`` takes
     attributes by reference), so parameters, buffers and observers are shared, not duplicated:
@@ -183,8 +200,11 @@ def fused_copy(gm: fx.GraphModule) -> fx.GraphModule:
     graph.output(out)
     fused = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     fused.meta = gm.meta
+    from graphlora.passes.canonical_linear import CanonicalLinearPass
     from graphlora.passes.fuse_lora import FuseLoraLinearPass
 
+    CanonicalLinearPass()(fused)  # every site as aten.linear, the one op the fusions match
+    _share_input_casts(fused.graph)
     FuseLoraLinearPass()(fused)
     FuseSiblingLinearsPass()(fused)
     fused.graph.lint()

@@ -10,6 +10,7 @@ opposite orientation of its first use sees the transposed delta, computed as
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -17,10 +18,10 @@ import torch
 import torch.fx as fx
 
 from graphlora import meta
-from graphlora.adapters import LoraSpec, create_lora_pair
+from graphlora.adapters import LoraSpec, adapter_dtype, create_lora_pair
 from graphlora.branches import check_no_lora, find_branches, remove
 from graphlora.errors import PassError
-from graphlora.graph_utils import copy_stack, fake_mode, insert_call, insert_get_attr
+from graphlora.graph_utils import copy_stack, fake_mode, get_tensor, insert_call, insert_get_attr
 from graphlora.passes.base import GraphPass, PassResult
 from graphlora.sites import LinearSite, tagged_sites
 
@@ -82,10 +83,11 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
                    gate: tuple[fx.Node, int] | None = None) -> None:
     graph = gm.graph
     in_f, out_f = param_features(site)
-    dtype = getattr(torch, site.spec.weight_dtype)
+    dtype = adapter_dtype(getattr(torch, site.spec.weight_dtype), spec.autocast_dtype)
     a_name, b_name = create_lora_pair(
         gm, adapter, site.module_path, spec, in_f, out_f, dtype=dtype, device=site.spec.weight_device
     )
+    dtype = get_tensor(gm, a_name).dtype  # an existing pair keeps the dtype it was made with
     path = site.module_path
     tags = dict(module_path=path, adapter=adapter, site_key=site.spec.key)
     out = site.output
@@ -98,18 +100,31 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
     x = site.input
     new_nodes = [a_w, b_w]
 
-    def emit(target, args, role, like=None, rank_key=None):
+    def emit(target, args, role, like=None, rank_key=None, kwargs=None, val=None):
         nonlocal cursor
-        val = rank_vals.get(rank_key) if rank_key is not None else None
+        if rank_key is not None:
+            val = rank_vals.get(rank_key)
         with graph.inserting_after(cursor):
-            node = insert_call(graph, target, args, role=role, mode=mode, val_like=like, val=val, **tags)
+            node = insert_call(graph, target, args, kwargs, role=role, mode=mode, val_like=like, val=val, **tags)
         if rank_key is not None and "val" in node.meta:
             rank_vals.setdefault(rank_key, node.meta["val"])
         new_nodes.append(node)
         cursor = node
         return node
 
-    x_val = x.meta.get("val")
+    # PEFT's mixed precision (autocast_adapter_dtype): factors in float32 on a bf16/fp16 base read
+    # the input cast to their dtype, and the sum ``base + branch`` (promoted to float32) is cast
+    # back to the base output's dtype. Same dtypes: no cast, the graph PEFT's layer computes.
+    x_val, out_val = x.meta.get("val"), out.meta.get("val")
+    base_dtype = getattr(torch, site.spec.weight_dtype)  # the site's dtype when shapes are unknown
+    x_dtype = x_val.dtype if isinstance(x_val, torch.Tensor) else base_dtype
+    out_dtype = out_val.dtype if isinstance(out_val, torch.Tensor) else x_dtype
+    casting = x_dtype != dtype
+    wide = _as_dtype(out_val, dtype, mode, rank_vals) if casting else None  # base-output shape
+    if casting:
+        x = emit(aten._to_copy.default, (x,), "lora_cast_in", kwargs={"dtype": dtype},
+                 val=_as_dtype(x_val, dtype, mode, rank_vals))
+        x_val = x.meta.get("val")
     rank_key = None
     if isinstance(x_val, torch.Tensor):
         rank_key = (str(tuple(x_val.shape)), x_val.dtype, str(x_val.device), spec.rank)
@@ -118,16 +133,17 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
     # function as PEFT's ``B(A(x)) * scale`` up to float rounding, at r/out of the cost (in
     # backward too). Shapes: dropout/mul keep their input's, the branch output is the base
     # output's, so only the rank-r tensor needs a fake value of its own.
+    like_out = None if casting else out
     if spec.dropout > 0:
         x = emit(aten.dropout.default, (x, float(spec.dropout), training), "lora_dropout", like=x)
     if site.spec.use_layout == site.spec.param_layout:
         h = emit(aten.linear.default, (x, a_w), "lora_a", rank_key=rank_key)
         h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
-        h = emit(aten.linear.default, (h, b_w), "lora_b", like=out)
+        h = emit(aten.linear.default, (h, b_w), "lora_b", like=like_out, val=wide)
     else:  # the transposed delta: x @ (B A)
         h = emit(aten.matmul.default, (x, b_w), "lora_b")
         h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
-        h = emit(aten.matmul.default, (h, a_w), "lora_a", like=out)
+        h = emit(aten.matmul.default, (h, a_w), "lora_a", like=like_out, val=wide)
     if gate is not None:
         # rows lead every activation, (batch, ...) or flattened (batch * tokens, ...): as PEFT's
         # mixed batches, gate the branch output per batch row, viewed as (batch, everything else)
@@ -137,9 +153,23 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
         column = emit(aten.type_as.default, (emit(aten.unsqueeze.default, (g, 1), "lora_gate"), flat), "lora_gate")
         flat = emit(aten.mul.Tensor, (flat, column), "lora_gate", like=flat)
         h = emit(aten.reshape_as.default, (flat, h), "lora_gate", like=h)
-    total = emit(aten.add.Tensor, (out, h), "lora_add", like=out)
+    total = emit(aten.add.Tensor, (out, h), "lora_add", like=like_out, val=wide)
+    if casting:
+        total = emit(aten._to_copy.default, (total,), "lora_cast_out", kwargs={"dtype": out_dtype},
+                     like=out)
     copy_stack(out, *new_nodes)
-    out.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+    out.replace_all_uses_with(total, delete_user_cb=lambda user: user not in new_nodes)
+
+
+def _as_dtype(val, dtype: torch.dtype, mode, cache: dict):
+    """A fake value like ``val`` in ``dtype`` (shared across like shapes, as rank values are)."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    key = ("as", str(tuple(val.shape)), val.dtype, str(val.device), dtype)
+    if key not in cache:
+        with mode if mode is not None else contextlib.nullcontext():
+            cache[key] = val.to(dtype)
+    return cache[key]
 
 
 class RemoveLoraPass(GraphPass):

@@ -2,8 +2,10 @@
 
 This pass is where op spellings are recognised (through :mod:`graphlora.sites`); it writes the
 normalised :class:`~graphlora.sites.SiteSpec` and the winning rule into the node metadata, so the
-passes after it only read tags. Checks that need the model (a rank larger than the layer it is
-applied to) happen here, naming the rule and the site.
+passes after it only read tags. Checks that need the model happen here, naming the rule and the
+site: a rank larger than the layer it is applied to, and a quantization the ONNX export could not
+express (an NF4 group size onnxruntime's MatMulBnb4 cannot hold), refused before any training
+is spent on it rather than at export.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch.fx as fx
 from graphlora import meta
 from graphlora.errors import GraphloraWarning, RuleError
 from graphlora.passes.base import GraphPass, PassResult
-from graphlora.rules import QuantRule, RuleMatch, first_match, rule_name
+from graphlora.quant.bnb_blocks import bnb_block_problem
+from graphlora.rules import QuantRule, RuleMatch, RuleMatcher, rule_name
 from graphlora.sites import LinearSite, find_linear_sites
 
 
@@ -37,13 +40,14 @@ class MatchRulesPass(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         self.matched, self.unmatched, self.problems = [], [], []
         used: set[int] = set()
+        matcher = RuleMatcher(self.rules)
         for site in find_linear_sites(gm):
-            match = first_match(site.module_path, self.rules)
+            match = matcher.first(site.module_path)
             if match is None:
                 self.unmatched.append(site)
                 continue
             used.add(match.index)
-            problem = _rank_problem(match.rule, site)
+            problem = _rank_problem(match.rule, site) or _export_problem(match.rule, site)
             if problem is not None:
                 if not self.collect_problems:
                     raise RuleError(f"{rule_name(match.index, match.rule)}: {problem}")
@@ -80,3 +84,18 @@ def _rank_problem(rule: QuantRule, site: LinearSite) -> str | None:
         f"rank {rule.rank} is larger than the matched site {site.module_path!r} allows "
         f"(in={site.spec.in_features}, out={site.spec.out_features}, so rank <= {limit})"
     )
+
+
+def _export_problem(rule: QuantRule, site: LinearSite) -> str | None:
+    """Why ``rule``'s weight quantization of ``site`` could not be exported to ONNX, or None."""
+    if rule.weight_qtype != "nf4":
+        return None
+    if site.spec.use_layout != site.spec.param_layout:
+        return (
+            f"site {site.spec.key!r} reads its weight transposed (the weight is also used the other "
+            "way round), so its NF4 blocks would run along the output features; onnxruntime's "
+            "MatMulBnb4 (the only kernel that reads NF4) needs them along the input features of "
+            "every use. Quantize this weight with int4/uint4 (QDQ reads either orientation)"
+        )
+    problem = bnb_block_problem(rule.group_size, site.spec.in_features)
+    return None if problem is None else f"site {site.module_path!r}: {problem}"

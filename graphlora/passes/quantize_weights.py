@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from graphlora import meta
-from graphlora.errors import PassError, QuantizationError
+from graphlora.errors import PassError, QuantizationError, first_few
 from graphlora.graph_utils import fake_mode, insert_call, insert_get_attr, set_tensor
 from graphlora.passes.base import GraphPass, PassResult
 from graphlora.passes.weights import dequant_node, groups_by_weight, replace_with_node, replace_with_tensor
@@ -150,6 +150,8 @@ class QuantizeWeightsPass(GraphPass):
 
     storage: Storage = "packed"
     encodings: Mapping[str, Encoding] | None = None
+    #: With ``encodings``: every weight a rule quantizes must have one (none is computed).
+    complete: bool = False
     quantized: list[str] = field(default_factory=list)
 
     @property
@@ -159,6 +161,9 @@ class QuantizeWeightsPass(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         given = dict(self.encodings or {})
         self.quantized = []
+        if self.complete:
+            _refuse_unknown(gm, {k for k in given if k not in groups_by_weight(tagged_sites(gm))})
+            _require_all_given(gm, given)
         for name, sites in groups_by_weight(tagged_sites(gm)).items():
             rule = sites[0].rule
             if _already_quantized(sites):
@@ -172,17 +177,36 @@ class QuantizeWeightsPass(GraphPass):
             else:
                 continue
             self.quantized.append(name)
-        if given:
-            known = sorted({s.spec.weight_name for s in tagged_sites(gm)})
-            raise QuantizationError(
-                "encodings were given for weights that are not matched sites: "
-                + ", ".join(sorted(given)[:5])
-                + (f" (matched weights include {', '.join(known[:3])})" if known else "")
-            )
+        _refuse_unknown(gm, set(given))
         return PassResult(gm, bool(self.quantized))
 
     def ensures(self, gm: fx.GraphModule) -> None:
         check_quantized(gm, self.quantized, self.storage, self.name)
+
+
+def _refuse_unknown(gm: fx.GraphModule, unknown: set[str]) -> None:
+    if unknown:
+        known = sorted({s.spec.weight_name for s in tagged_sites(gm)})
+        raise QuantizationError(
+            "encodings were given for weights that are not matched sites: "
+            + ", ".join(sorted(unknown)[:5])
+            + (f" (matched weights include {', '.join(known[:3])})" if known else "")
+        )
+
+
+def _require_all_given(gm: fx.GraphModule, given: Mapping[str, Encoding]) -> None:
+    lacking = sorted(
+        name
+        for name, sites in groups_by_weight(tagged_sites(gm)).items()
+        if sites[0].rule is not None and sites[0].rule.weight_qtype and name not in given
+        and not _already_quantized(sites)
+    )
+    if lacking:
+        raise QuantizationError(
+            f"the encodings given lack {len(lacking)} weight(s) the rules quantize: {first_few(lacking)}. "
+            "Given encodings are used instead of computing any, so give one for every quantized "
+            "weight, or call quantize_base() without encodings to compute them all"
+        )
 
 
 def check_quantized(gm: fx.GraphModule, names: list[str], storage: Storage, pass_name: str) -> None:
