@@ -185,13 +185,13 @@ def test_load_quantized_refuses_a_checkpoint_missing_a_float_tensor(quantized, t
     from safetensors.torch import load_file, save_file
 
     root = Path(shutil.copytree(quantized, tmp_path / "q"))
-    tensors = load_file(str(root / "model.safetensors"))
+    tensors = load_file(str(root / "graphlora_quantized.safetensors"))
     del tensors["layers.2.bias"]
-    save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(root / "graphlora_quantized.safetensors"), metadata={"format": "pt"})
     with pytest.raises(FileFormatError, match=r"lacks 1 tensor\(s\) of this model: layers\.2\.bias"):
         graphlora.load_quantized(MLP(), root, (X,))
     tensors["layers.2.bias"] = torch.zeros(3)  # the model's is (4,)
-    save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(root / "graphlora_quantized.safetensors"), metadata={"format": "pt"})
     with pytest.raises(FileFormatError, match=r"another shape or dtype.*layers\.2\.bias"):
         graphlora.load_quantized(MLP(), root, (X,))
 
