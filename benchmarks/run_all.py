@@ -49,6 +49,8 @@ def machine() -> dict:
 
 
 def benchmarks() -> dict:
+    import bench_decode
+    import bench_gptq_depth
     import bench_grad_checkpointing
     import bench_lora_train
     import bench_onnx
@@ -61,14 +63,30 @@ def benchmarks() -> dict:
         "trace_8b": bench_trace_8b.run,
         "quant": bench_quant.run,
         "qw_lora": bench_qw_lora.run,
+        # the MiniLM vs llmcompressor part runs in GRAPHLORA_GPTQ_PEER_PYTHON when set (its own venv)
+        "gptq_depth": bench_gptq_depth.run,
         # with the QW-LoRA model (100 distillation steps, as in `make demo`) beside the int4 rows
         "onnx": lambda: bench_onnx.run(qwlora_steps=100),
         "grad_checkpointing": bench_grad_checkpointing.run,
+        "decode": bench_decode.run,
     }
+
+
+def bench_contexts() -> tuple:
+    import bench_decode
+
+    return bench_decode.CONTEXTS
 
 
 def _f(x, digits=3):
     return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _table(header: list[str], rows) -> list[str]:
+    """A markdown table (header, separator, one line per row of cells) and a blank line."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
 
 
 def render(m: dict, results: dict) -> str:
@@ -132,6 +150,24 @@ def render(m: dict, results: dict) -> str:
             f"graphlora / PEFT, both checkpointed: peak {_f(r['graphlora_over_peft_checkpointed_peak_mb'], 2)}.",
             "",
         ]
+    r = results.get("decode")
+    if r and "error" not in r:
+        contexts = bench_contexts()
+        out += [
+            f"## Decode latency of `generate()` ({r['shape']})",
+            "",
+            "Milliseconds per decoded token (a greedy generate of 1 + N new tokens minus one of 1, over N),",
+            f"medians of {r['rounds']} interleaved rounds; the peer is transformers' `generate()` on the",
+            "merged model (default cache; with `cache_implementation=\"static\"` on the next row).",
+            "",
+            "| | " + " | ".join(f"context {c}" for c in contexts) + " |",
+            "|---|" + "---|" * len(contexts),
+        ]
+        for name in r["systems"]:
+            out.append(f"| {name.replace('_', ' ')} | "
+                       + " | ".join(_f(r[f"{name}_ms_per_token_{c}"], 2) for c in contexts) + " |")
+        out += ["", "graphlora LoRA / transformers merged (goal <= 1.0): "
+                + ", ".join(f"context {c} **{_f(r[f'lora_ratio_{c}'], 2)}**" for c in contexts) + ".", ""]
     r = results.get("trace_8b")
     if r and "error" not in r:
         out += [
@@ -154,15 +190,12 @@ def render(m: dict, results: dict) -> str:
         out += [
             "## Weight quantization of MiniLM (held-out cosine of mean-pooled embeddings to fp32)",
             "",
-            "| qtype | group | method | cosine | bits/param | time s | QLoRA fwd / fp32 fwd |",
-            "|---|---|---|---|---|---|---|",
         ]
-        for row in r["rows"]:
-            out.append(
-                f"| {row['qtype']} | {row['group'] or 'channel'} | {row['method']} | {_f(row['cosine'], 4)} | "
-                f"{_f(row['bits_per_param'], 3)} | {_f(row['transform_s'], 1)} | {_f(row['forward_ratio_vs_fp32'], 2)} |"
-            )
-        out.append("")
+        out += _table(
+            ["qtype", "group", "method", "cosine", "bits/param", "time s", "QLoRA fwd / fp32 fwd"],
+            ([row["qtype"], row["group"] or "channel", row["method"], _f(row["cosine"], 4), _f(row["bits_per_param"], 3),
+              _f(row["transform_s"], 1), _f(row["forward_ratio_vs_fp32"], 2)] for row in r["rows"]),
+        )
     r = results.get("qw_lora")
     if r and "error" not in r:
         out += [
@@ -176,6 +209,9 @@ def render(m: dict, results: dict) -> str:
             f"| step 3: int8 activations calibrated | {_f(r['cos_step3_int8_act'], 4)} | {_f(r['step3_s'], 1)} |",
             "",
         ]
+    r = results.get("gptq_depth")
+    if r and "error" not in r:
+        out += render_gptq_depth(r)
     r = results.get("onnx")
     if r and "error" not in r:
         out += ["## ONNX export vs onnxruntime's own quantization tools (MiniLM, batch 8 x 64)", ""]
@@ -187,6 +223,45 @@ def render(m: dict, results: dict) -> str:
         out += [f"- {k}: `{v}`" for k, v in errors.items()]
         out.append("")
     return "\n".join(out)
+
+
+def render_gptq_depth(r: dict) -> list[str]:
+    """The GPTQ-vs-depth table and the MiniLM comparison with llmcompressor."""
+    out = [
+        "## GPTQ time vs depth (Llama, hidden 384, MLP 1024, int4 g32 on every projection)",
+        "",
+        f"4 calibration batches of 8 x 64 tokens, {r['threads']} torch thread(s), medians of "
+        f"{r['depth'][0]['rounds'] if r['depth'] else 0} interleaved rounds. Wave schedule: the whole "
+        "graph per dependency wave (GPTQ before the block-wise engine); blocks: one pass over the depth.",
+        "",
+    ]
+    out += _table(
+        ["layers", "waves s", "blocks s", "waves s/layer", "blocks s/layer", "waves / blocks"],
+        ([row["layers"], _f(row["waves_s"], 1), _f(row["blocks_s"], 1), _f(row["waves_s_per_layer"], 2),
+          f"**{_f(row['blocks_s_per_layer'], 2)}**", _f(row["ratio_waves_over_blocks"], 2)] for row in r["depth"]),
+    )
+    p = r.get("minilm")
+    if p:
+        out += [
+            f"MiniLM, int4 symmetric g{p['group_size']} GPTQ on every encoder linear, {p['calibration']}, "
+            f"medians of {p['rounds']} interleaved rounds (held-out cosine of mean-pooled embeddings to fp32):",
+            "",
+            "| | time s | cosine |",
+            "|---|---|---|",
+            f"| graphlora `transform` (GPTQ pass {_f(p['graphlora_gptq_pass_s'], 1)} s) | {_f(p['graphlora_s'], 1)} | "
+            f"{_f(p['graphlora_cosine'], 4)} |",
+        ]
+        if p.get("llmcompressor_s") is not None:
+            out.append(f"| llmcompressor `oneshot` + `GPTQModifier` | {_f(p['llmcompressor_s'], 1)} | "
+                       f"{_f(p['llmcompressor_cosine'], 4)} |")
+            out.append(f"| ratio graphlora / llmcompressor | **{_f(p['ratio_graphlora_over_llmcompressor'], 2)}** | |")
+        else:
+            out.append(f"| llmcompressor | {p['llmcompressor_error']} | |")
+        if "graphlora_waves_gptq_pass_s" in p:
+            out.append(f"| graphlora, wave schedule (GPTQ pass, once) | {_f(p['graphlora_waves_gptq_pass_s'], 1)} | "
+                       f"{_f(p['graphlora_waves_cosine'], 4)} |")
+        out.append("")
+    return out
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,7 @@ from graphlora.errors import (
 )
 from graphlora.model import LoraModel, MatchedSite
 from graphlora.pipeline import transform
-from graphlora.rules import LoraRule, QuantRule
+from graphlora.rules import ActivationRule, LoraRule, QuantRule
 from graphlora.io.encodings_file import load_encodings, save_encodings
 from graphlora.trace import trace
 from graphlora.train import TrainResult, train_lora
@@ -45,6 +45,22 @@ def load_quantized(model, directory, example_args=(), example_kwargs=None, **kwa
     return _load_quantized(model, directory, example_args, example_kwargs, **kwargs)
 
 
+def load_aimet_encodings(model, path, *, onnx_model=None):
+    """Read an AIMET encodings file (0.6.1 / 1.0.0 / 2.0.0) onto a LoraModel, proving each entry's
+    layout (see :func:`graphlora.onnx.aimet.load_aimet_encodings`)."""
+    from graphlora.onnx.aimet import load_aimet_encodings as _load
+
+    return _load(model, path, onnx_model=onnx_model)
+
+
+def save_aimet_encodings(encodings, path):
+    """Write encodings as the file AIMET's ``QuantizationSimModel.load_encodings`` reads (see
+    :func:`graphlora.onnx.aimet.save_aimet_encodings`); returns what it left out, with why."""
+    from graphlora.onnx.aimet import save_aimet_encodings as _save
+
+    return _save(encodings, path)
+
+
 def load_adapter(model, adapter_dir, **kwargs):
     """Load a PEFT LoRA adapter directory into a LoraModel (or transform a plain model with it).
 
@@ -56,6 +72,7 @@ def load_adapter(model, adapter_dir, **kwargs):
 
 
 __all__ = [
+    "ActivationRule",
     "AdapterError",
     "CalibrationError",
     "DistributedError",
@@ -84,6 +101,8 @@ __all__ = [
     "save_graph_text",
     "export_onnx",
     "load_adapter",
+    "load_aimet_encodings",
+    "save_aimet_encodings",
     "QuantLoraWorkflow",
     "TrainResult",
     "load_encodings",

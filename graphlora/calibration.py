@@ -9,7 +9,7 @@ same encodings — the ones one process would get from all the data.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -17,6 +17,7 @@ from graphlora import batches as batch_feed
 from graphlora import meta
 from graphlora.collectives import is_initialized, sync_stats
 from graphlora.errors import CalibrationError
+from graphlora.passes.graph_observers import InsertGraphObserversPass
 from graphlora.passes.observers import (
     OBSERVER_ROOT,
     FreezeObserversPass,
@@ -27,6 +28,7 @@ from graphlora.passes.observers import (
     remove_fake_quant,
 )
 from graphlora.quant import Encoding
+from graphlora.rules import ActivationRule, normalize_activation_rules
 from graphlora.sites import tagged_sites
 from graphlora.validate import check_count
 
@@ -38,13 +40,17 @@ def calibrate(
     num_batches: int | None = None,
     targets: Targets = "all",
     recalibrate: bool = False,
+    activations: ActivationRule | Sequence[ActivationRule] | None = None,
     progress: bool = True,
 ) -> dict[str, Encoding]:
     """Calibrate the activation encodings of ``model`` (a LoraModel) on ``batches``.
 
     ``batches``: an iterable of argument tuples, keyword dicts or tensors (a DataLoader works).
     ``targets``: ``"base"`` (site inputs), ``"lora"`` (LoRA branch activations and weights) or
-    ``"all"``. Tensors that already have an encoding keep it unless ``recalibrate=True``.
+    ``"all"``. ``activations``: :class:`~graphlora.ActivationRule` s placing encodings on the
+    outputs of whole-graph ops (norms, activation functions, softmax, adds, matmuls,
+    embeddings, linear layers) in addition to what the site rules ask; they count as base
+    targets. Tensors that already have an encoding keep it unless ``recalibrate=True``.
     Returns the encodings computed by this call, by tensor name.
     """
     check_count(num_batches, "calibrate(num_batches=...)", optional=True)
@@ -52,8 +58,11 @@ def calibrate(
     if recalibrate:
         remove_fake_quant(gm, targets)
         gm.recompile()
+    passes = []
+    if activations is not None and targets in ("all", "base"):
+        passes.append(InsertGraphObserversPass(normalize_activation_rules(activations)))
     insert = InsertObserversPass(targets)
-    model.run_passes([insert])
+    model.run_passes(passes + [insert])
     observers = observer_modules(gm)
     wants_lora_weights = targets in ("all", "lora") and any(
         s.rule is not None and s.rule.lora_weight_qtype for s in tagged_sites(gm)

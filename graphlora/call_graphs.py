@@ -29,7 +29,9 @@ of every adapter named, each gated per batch row by an extra graph input.
 
 from __future__ import annotations
 
+import dataclasses
 import types
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -37,7 +39,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from graphlora import meta
+from graphlora import kv_cache, meta
 from graphlora.errors import AdapterError, GraphloraError, InputError, TraceError
 from graphlora.graph_utils import add_keyword_input, delete_tensor, fake_mode, get_tensor, is_own, share_storage_copy
 from graphlora.passes.base import PassPipeline, PassRecord
@@ -114,6 +116,7 @@ class CallGraphs:
         for trace in traces:  # traces made along with the canonical one, for other sizes
             self._traces.setdefault(trace.meta[meta.CALL_KEY], []).append(trace)
         self._aliases = _aliases(template) if template is not None else {}
+        self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its CacheLayout
 
     @property
     def graphs(self) -> list[CallGraph]:
@@ -123,8 +126,9 @@ class CallGraphs:
 
     # ------------------------------------------------------------------ dispatch
 
-    def dispatch(self, args: tuple, kwargs: dict) -> tuple[CallGraph, tuple, dict]:
-        """The graph serving ``model(*args, **kwargs)`` (made if missing) and the call as it takes it."""
+    def dispatch(self, args: tuple, kwargs: dict) -> tuple[CallGraph, tuple, dict, Callable[[Any], Any]]:
+        """The graph serving ``model(*args, **kwargs)`` (made if missing), the call as it takes it,
+        and what turns the graph's output into the model's (a KV cache object put back)."""
         model = self.model
         gm = model.graph_module
         self.canonical.graph_module = gm
@@ -132,29 +136,47 @@ class CallGraphs:
         if self.signature is None or not self.signature.binds or self.canonical.form is None:
             if names is not None:
                 raise InputError("adapter_names needs a model traced with torch.export (method='export')")
-            return self.canonical, args, kwargs  # a symbolic trace: called as it is
+            return self.canonical, args, kwargs, _same  # a symbolic trace: called as it is
         bound = self.signature.bind(args, kwargs, what="the inputs")
-        key = call_key(bound)
         adapters, gate = self._gate(names, bound) if names is not None else (None, None)
+        bound, state, finish = self._cache_state(bound)
+        key = call_key(bound)
+        if state:  # the cache's layout is part of the call's structure
+            cache_name, layout = state[0]
+            key = tuple((n, ("cache", layout.key, kind) if n == cache_name else kind) for n, kind in key)
         if "forward" in gm.__dict__ and (adapters is not None or key != self.canonical.key):
             raise GraphloraError(
                 "this model runs block by block (FSDP): it serves only the call it was traced with "
                 f"({describe_call(bound)} is another); call it as traced"
             )
-        entry = self._find(key, bound, adapters)
+        entry = self._find(key, bound, adapters, state)
         if gate is not None:
             bound = {**bound, GATE_INPUT: gate}
         call_args, call_kwargs = entry.form.arrange(bound)
-        return entry, call_args, call_kwargs
+        return entry, call_args, call_kwargs, finish
 
     def graph_for(self, args: tuple, kwargs: dict) -> fx.GraphModule:
-        entry, _, _ = self.dispatch(args, dict(kwargs))
+        entry, _, _, _ = self.dispatch(args, dict(kwargs))
         return entry.graph_module
+
+    def _cache_state(self, bound: dict) -> tuple[dict, tuple, Callable[[Any], Any]]:
+        """A call with a KV cache object: the call with the cache's tensors in its place, the
+        ``(name, layout)`` of the state, and what puts the cache object back into the output."""
+        name, cache = kv_cache.find_cache(bound)
+        if cache is None:
+            return bound, (), _same
+        layout = self._layouts.get(cache)  # generate() passes the same cache object every step
+        if layout is None or not layout.fits(cache):
+            model = self.model
+            layout = kv_cache.layout_of(cache, model.config, model.dtype, model.device, _rows(bound))
+            self._layouts[cache] = layout
+        bound = {**bound, name: layout.state(cache)}
+        return bound, ((name, layout),), lambda output: kv_cache.restore(output, cache)
 
     def _takes(self, name: str) -> bool:
         return self.signature is not None and name in self.signature.params
 
-    def _find(self, key: tuple, bound: dict, adapters: tuple[str, ...] | None) -> CallGraph:
+    def _find(self, key: tuple, bound: dict, adapters: tuple[str, ...] | None, state: tuple = ()) -> CallGraph:
         canonical = self.model.graph_module
         full_key = key if adapters is None else key + ((GATE_INPUT, adapters),)
         problem = None
@@ -166,7 +188,7 @@ class CallGraphs:
             if problem is None:
                 self._ready(entry)
                 return entry
-        trace = self._trace_for(key, bound)
+        trace = self._trace_for(key, bound, state)
         form = trace.meta[meta.CALL_FORM_KEY]
         if adapters is not None:
             form = CallForm(form.positional, form.keywords + (GATE_INPUT,), form.baked)
@@ -175,7 +197,7 @@ class CallGraphs:
         self._graphs.append(entry)
         return entry
 
-    def _trace_for(self, key: tuple, bound: dict) -> fx.GraphModule:
+    def _trace_for(self, key: tuple, bound: dict, state: tuple = ()) -> fx.GraphModule:
         """A trace for ``bound``'s structure whose guards accept it: kept, or new."""
         for trace in self._traces.get(key, []):
             if guard_failure(trace, *trace.meta[meta.CALL_FORM_KEY].arrange(bound)) is None:
@@ -187,7 +209,8 @@ class CallGraphs:
 
         spares: list[fx.GraphModule] = []
         try:
-            trace = trace_structure(self.template, bound, self.signature.form(bound), like=like,
+            form = dataclasses.replace(self.signature.form(bound), state=state)
+            trace = trace_structure(self.template, bound, form, like=like,
                                     device=_device_of(canonical), spares=spares)
         except TraceError as exc:
             mismatch = self._input_mismatch(bound)
@@ -233,10 +256,11 @@ class CallGraphs:
         differing = [f"{name}={_short(bound[name])}" for name, kind in key if theirs.get(name) != kind]
         owner = type(self.template).__name__
         reason = str(exc)
-        if bound.get("use_cache") is True:
-            reason = ("use_cache=True makes the model return a KV cache object (DynamicCache), which "
-                      "a traced graph cannot return; a LoraModel call defaults to use_cache=False "
-                      f"({reason})")
+        if bound.get("use_cache") is True and not isinstance(bound.get(kv_cache.CACHE_ARGUMENT), tuple):
+            reason = ("use_cache=True without past_key_values makes the model create and return a KV cache "
+                      "object (DynamicCache), which a traced graph cannot return; a LoraModel call defaults "
+                      "to use_cache=False, generate() passes a static cache (past_key_values="
+                      f"transformers.StaticCache(...)) ({reason})")
         where = f" with {', '.join(differing)}" if differing else ""
         return f"cannot make a graph for {owner}.forward{where}: {reason}"
 
@@ -432,6 +456,10 @@ def _device_of(gm: fx.GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
+def _same(output: Any) -> Any:
+    return output
+
+
 def _short(value: Any) -> str:
     return describe_call({"_": value})[2:]
 
@@ -474,10 +502,13 @@ def _pretrained_base(template: nn.Module) -> tuple[type, ...]:
     hierarchy, so graphlora imports no transformers): the Trainer saves a model with its
     ``save_pretrained`` only if it is a ``PreTrainedModel`` (or a ``PeftModel``), and a LoraModel
     stands in for the model it was made from. Its own methods come first (``base`` precedes)."""
-    for cls in type(template).__mro__:
-        if cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers."):
-            return (cls,)
-    return ()
+    bases = []
+    for name in ("PreTrainedModel", "GenerationMixin"):  # generate() is transformers' (graphlora.generation)
+        for cls in type(template).__mro__:
+            if cls.__name__ == name and cls.__module__.startswith("transformers."):
+                bases.append(cls)
+                break
+    return tuple(bases)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -58,6 +58,7 @@ FIELDS: dict[str, str] = {
     "axis": "for dequant nodes: the encoding's channel axis",
     "method": "for dequant nodes: the calibration method that made the encoding",
     "symmetric": "for observers and fake-quant: whether the grid is symmetric",
+    "grid": "for observers: the symmetric integer grid asked for (full / restricted; None: default)",
     "calibration": "for observers: the activation calibration method",
     "percentile": "for observers: the percentile of percentile calibration",
 }

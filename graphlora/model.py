@@ -21,6 +21,7 @@ from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec, peft_name
 from graphlora.call_graphs import CallGraph, CallGraphs, signed_class
 from graphlora.errors import AdapterError, InputError
 from graphlora.graph_utils import share_storage_copy
+from graphlora.generation import GenerationSupport, merged_for_decoding
 from graphlora.hf_compat import HuggingFaceSurface
 from graphlora.model_contents import MatchedSite, ModelContents
 from graphlora.passes.base import PassPipeline, PassRecord
@@ -35,7 +36,7 @@ from graphlora.validate import check_adapter_name, check_lora_factor
 __all__ = ["LoraModel", "MatchedSite", "model_class"]
 
 
-class LoraModel(ModelContents, HuggingFaceSurface, nn.Module):
+class LoraModel(ModelContents, HuggingFaceSurface, GenerationSupport, nn.Module):
     """A traced model with LoRA branches (and quantization) inserted by graph passes.
 
     It is called like the original model, every way the original can be called: ``forward`` has
@@ -77,9 +78,11 @@ class LoraModel(ModelContents, HuggingFaceSurface, nn.Module):
 
     def forward(self, *args, **kwargs):
         """Run the graph serving this call (made on the first call of its structure)."""
-        entry, call_args, call_kwargs = self._calls.dispatch(args, dict(kwargs))
+        if self._generation_adapters is not None:  # inside generate(adapter_names=...)
+            kwargs = self._generation_call(kwargs)
+        entry, call_args, call_kwargs, finish = self._calls.dispatch(args, dict(kwargs))
         try:
-            return self._executable(entry)(*call_args, **call_kwargs)
+            return finish(self._executable(entry)(*call_args, **call_kwargs))
         except Exception as exc:
             explained = _explain_input_error(exc)
             if explained is exc:
@@ -116,6 +119,11 @@ class LoraModel(ModelContents, HuggingFaceSurface, nn.Module):
         if "forward" in gm.__dict__:  # e.g. FSDP's block-wise forward
             return gm
         exe = gm
+        if getattr(entry.form, "state", ()):
+            # a graph with a KV cache (generate's prefill and decode): sibling and LoRA fusion
+            # build concatenated / effective weights per call, which pays off for a training
+            # batch of many tokens, not for one token per step; merged weights are made once
+            return merged_for_decoding(self, entry, gm) or gm
         if self.fused_execution:
             from graphlora.passes.fuse_siblings import fused_copy
 

@@ -68,16 +68,10 @@ class ModelContents:
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts; a quantized weight counts its original elements."""
-        trainable = 0
-        total = 0
-        seen: set[int] = set()
-        for _, p in self.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            total += p.numel()
-            if p.requires_grad:
-                trainable += p.numel()
+        # parameters() yields a tensor shared by several modules (tied weights) once
+        params = list(self.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
         # quantized base weights are buffers now: count the parameters they encode
         total += int(self.memory_report()["quantized_params"])
         return trainable, total
@@ -123,11 +117,7 @@ class ModelContents:
         )
         float_bytes = 0
         lora_bytes = 0
-        seen: set[int] = set()
-        for _, p in gm.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
+        for p in gm.parameters():  # each shared (tied) tensor once
             nbytes = p.numel() * p.element_size()
             if id(p) in lora_ids:
                 lora_bytes += nbytes

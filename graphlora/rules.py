@@ -38,6 +38,12 @@ class QuantRule:
     ``gptq`` (data-aware; needs calibration data at transform time). ``act_qtype`` puts observers, then fake-quant, on the site's input
     activation. ``lora_weight_qtype`` / ``lora_act_qtype`` quantize the LoRA branch of a site
     (its A/B weights and the activation between them) when a LoRA rule also covers it.
+
+    ``weight_grid`` / ``act_grid`` pick the symmetric integer grid of the rule's weights (base and
+    LoRA) and activations: ``"full"`` uses every code (int4 -8..7, AIMET's, scale
+    ``max(|min| / 8, max / 7)``), ``"restricted"`` drops the most negative code (int4 -7..7, scale
+    ``max|w| / 7``); None takes the qtype's measured default
+    (:data:`graphlora.quant.qtypes.DEFAULT_GRIDS`). Asymmetric encodings always use the full range.
     """
 
     module_path: str = field(default=".*", kw_only=False)
@@ -45,9 +51,11 @@ class QuantRule:
     group_size: int | None = None
     weight_symmetric: bool | None = None  # None: the calibration method's default
     weight_calibration: str = "absmax"
+    weight_grid: str | None = None  # None: the qtype's default grid
     double_quant: bool = False
     act_qtype: str | None = None
     act_symmetric: bool = False
+    act_grid: str | None = None
     act_calibration: str = "minmax"
     act_percentile: float = 99.99
     lora_weight_qtype: str | None = None
@@ -114,6 +122,90 @@ class LoraRule(QuantRule):
 Rule = QuantRule  # LoraRule is a QuantRule
 
 
+@dataclass(frozen=True, kw_only=True)
+class ActivationRule:
+    """Whole-graph activation quantization: the outputs of every op of the chosen ``kinds``
+    (see :data:`graphlora.op_kinds.OP_KINDS`: ``linear``, ``matmul``, ``attention``, ``add``,
+    ``mul``, ``norm``, ``activation``, ``softmax``, ``embedding``) computed in a module whose path
+    ``re.fullmatch``-es ``module_path`` — or, with ``tensor``, the outputs whose name (e.g.
+    ``encoder.layer.0.output.add``) ``re.fullmatch``-es it — get one encoding each.
+
+    Rules are scanned in order, first match wins, so a specific rule before a general one makes a
+    per-tensor choice (int16 for the one softmax int8 breaks); ``qtype=None`` leaves what it
+    matches in float. Calibration and grid fields are those of :class:`QuantRule`'s activations.
+    """
+
+    module_path: str = field(default=".*", kw_only=False)
+    kinds: tuple[str, ...] = ("linear", "matmul", "attention", "add", "mul", "norm", "activation",
+                              "softmax", "embedding")
+    tensor: str | None = None
+    qtype: str | None = "uint8"
+    symmetric: bool = False
+    calibration: str = "minmax"
+    percentile: float = 99.99
+    grid: str | None = None
+
+    def describe(self) -> str:
+        parts = [f"module_path={self.module_path!r}"]
+        for f in fields(self):
+            if f.name != "module_path" and getattr(self, f.name) != f.default:
+                parts.append(f"{f.name}={getattr(self, f.name)!r}")
+        return f"ActivationRule({', '.join(parts)})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def matches(self, module_path: str, kind: str, tensor: str,
+                patterns: PatternSet | None = None) -> bool:
+        """Whether this rule covers the output ``tensor`` of a ``kind`` op in ``module_path``;
+        patterns are matched within the time bound of ``patterns`` (one set per rule list)."""
+        if kind not in self.kinds:
+            return False
+        patterns = patterns if patterns is not None else PatternSet("", error=RuleError)
+        if self.tensor is not None:
+            return patterns.compile(self.tensor, f"{self.describe()}: tensor").fullmatch(tensor)
+        return patterns.compile(self.module_path, f"{self.describe()}: module_path").fullmatch(module_path)
+
+
+def normalize_activation_rules(rules) -> list[ActivationRule]:
+    """Accept one ActivationRule or a sequence of them; validate each."""
+    from graphlora.op_kinds import OP_KINDS
+
+    if isinstance(rules, ActivationRule):
+        rules = [rules]
+    try:
+        rules = list(rules)
+    except TypeError:
+        raise RuleError(f"activation rules must be an ActivationRule or a list of them, got "
+                        f"{type(rules).__name__}") from None
+    for i, rule in enumerate(rules):
+        where = f"activation rule #{i} {rule.describe() if isinstance(rule, ActivationRule) else rule!r}"
+        if not isinstance(rule, ActivationRule):
+            raise RuleError(f"{where}: not an ActivationRule")
+        patterns = PatternSet(where, error=RuleError)
+        for name in ("module_path", "tensor"):
+            pattern = getattr(rule, name)
+            if pattern is not None:
+                patterns.compile(pattern, name)
+        kinds = rule.kinds
+        if isinstance(kinds, str) or not all(k in OP_KINDS for k in kinds) or not kinds:
+            raise RuleError(f"{where}: kinds must be a non-empty tuple of {OP_KINDS}, got {kinds!r}")
+        _check_qtype(where, "qtype", rule.qtype, "activation")
+        if rule.calibration not in ACT_CALIBRATIONS:
+            raise RuleError(f"{where}: calibration must be one of {ACT_CALIBRATIONS}, got {rule.calibration!r}")
+        if isinstance(rule.percentile, bool) or not isinstance(rule.percentile, (int, float)) or not (
+            0.0 < rule.percentile <= 100.0
+        ):
+            raise RuleError(f"{where}: percentile must be in (0, 100], got {rule.percentile!r}")
+        from graphlora.quant.qtypes import GRIDS
+
+        if rule.grid is not None and rule.grid not in GRIDS:
+            raise RuleError(f"{where}: grid must be one of {GRIDS} or None, got {rule.grid!r}")
+        if rule.grid == "restricted" and not rule.symmetric:
+            raise RuleError(f"{where}: grid='restricted' is a symmetric grid; set symmetric=True")
+    return rules
+
+
 def default_rules(rank: int) -> list[LoraRule]:
     """The one-line toggle ``transform(model, 16)``: LoRA on query/value projections, alpha=rank."""
     return [LoraRule(DEFAULT_TARGETS, rank=rank, alpha=float(rank))]
@@ -178,6 +270,7 @@ def validate_rule(index: int, rule: QuantRule) -> None:
             f"{where}: weight_calibration must be one of {weight_method_names()}, "
             f"got {rule.weight_calibration!r}"
         )
+    _check_grids(where, rule)
     if rule.act_calibration not in ACT_CALIBRATIONS:
         raise RuleError(
             f"{where}: act_calibration must be one of {ACT_CALIBRATIONS}, got {rule.act_calibration!r}"
@@ -195,6 +288,29 @@ def validate_rule(index: int, rule: QuantRule) -> None:
             raise RuleError(f"{where}: dropout must be in [0, 1), got {rule.dropout!r}")
         if rule.init not in LORA_INITS:
             raise RuleError(f"{where}: init must be one of {LORA_INITS}, got {rule.init!r}")
+
+
+def _check_grids(where: str, rule: QuantRule) -> None:
+    """A grid is one of GRIDS; the restricted grid needs a symmetric integer encoding to apply to."""
+    from graphlora.quant.qtypes import GRIDS, get_qtype
+
+    for name in ("weight_grid", "act_grid"):
+        grid = getattr(rule, name)
+        if grid is not None and grid not in GRIDS:
+            raise RuleError(f"{where}: {name} must be one of {GRIDS} or None, got {grid!r}")
+    if rule.weight_grid == "restricted":
+        qtypes = [q for q in (rule.weight_qtype, rule.lora_weight_qtype) if q is not None]
+        if qtypes and not any(get_qtype(q).kind == "int" for q in qtypes):
+            raise RuleError(f"{where}: weight_grid='restricted' needs an integer weight qtype "
+                            f"({' / '.join(qtypes)} has no restricted grid)")
+        asymmetric = rule.weight_symmetric is False or (
+            rule.weight_calibration == "minmax" and rule.weight_symmetric is None)
+        if rule.weight_qtype is not None and asymmetric:
+            raise RuleError(f"{where}: weight_grid='restricted' is a symmetric grid, but the base "
+                            "weights are asymmetric (weight_symmetric=False or minmax calibration)")
+    if rule.act_grid == "restricted" and not rule.act_symmetric:
+        raise RuleError(f"{where}: act_grid='restricted' is a symmetric grid; set act_symmetric=True "
+                        "(asymmetric activations always use the full range)")
 
 
 def _check_qtype(where: str, field_name: str, qtype: str | None, usage: str) -> None:

@@ -142,11 +142,14 @@ def _public(sig: inspect.Signature) -> inspect.Signature:
 class CallForm:
     """The call structure of one traced graph: argument names passed positionally, then by
     keyword, and the ``(name, value)`` pairs baked into the graph (given to the model while
-    tracing, not inputs of the graph)."""
+    tracing, not inputs of the graph). ``state`` pairs an argument name with the
+    :class:`graphlora.kv_cache.CacheLayout` of the cache object it carries: the graph takes the
+    cache's tensors there and updates them in place."""
 
     positional: tuple[str, ...]
     keywords: tuple[str, ...]
     baked: tuple[tuple[str, Any], ...] = ()
+    state: tuple[tuple[str, Any], ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -240,15 +243,14 @@ def guard_failure(gm: fx.GraphModule, args: tuple, kwargs: Mapping[str, Any]) ->
         flat = tree_flatten_spec((tuple(args), dict(kwargs)), in_spec)
     except Exception as exc:  # a structure the graph was not traced with
         return f"the call's structure differs from the graph's ({type(exc).__name__}: {exc})"
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(flat) != len(placeholders):
-        return f"the graph takes {len(placeholders)} inputs, the call gives {len(flat)}"
+    plan = _input_plan(gm)
+    if len(flat) != len(plan):
+        return f"the graph takes {len(plan)} inputs, the call gives {len(flat)}"
     ranges = gm.meta.get(meta.RANGES_KEY, {})
     sizes: dict[str, int] = {}
-    for node, value in zip(placeholders, flat):
-        expected = node.meta.get("val")
-        if isinstance(expected, torch.Tensor):
-            problem = _tensor_problem(node.name, expected, value, ranges, sizes)
+    for expected, value in zip(plan, flat):
+        if expected is not None:
+            problem = _tensor_problem(expected, value, ranges, sizes)
             if problem:
                 return problem
     guards = gm._modules.get("_guards_fn")
@@ -260,20 +262,41 @@ def guard_failure(gm: fx.GraphModule, args: tuple, kwargs: Mapping[str, Any]) ->
     return None
 
 
-def _tensor_problem(name: str, expected: torch.Tensor, value: Any, ranges: Mapping[str, tuple],
+def _input_plan(gm: fx.GraphModule) -> list[tuple[str, torch.dtype, tuple] | None]:
+    """Per placeholder of ``gm``: ``(name, dtype, sizes)`` of a tensor input, each size an int or
+    its symbol's name; None for other inputs. Kept with the graph's code (the symbols' names
+    cost a sympy print each: a decode step checks its guards once per token)."""
+    cached = gm.__dict__.get("_graphlora_input_plan")
+    if cached is not None and cached[0] is gm._code:
+        return cached[1]
+    plan = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            plan.append(None)
+            continue
+        plan.append((node.name, val.dtype, tuple(s if isinstance(s, int) else str(s.node.expr) for s in val.shape)))
+    gm.__dict__["_graphlora_input_plan"] = (gm._code, plan)
+    return plan
+
+
+def _tensor_problem(expected: tuple[str, torch.dtype, tuple], value: Any, ranges: Mapping[str, tuple],
                     sizes: dict[str, int]) -> str | None:
+    name, dtype, shape = expected
     if not isinstance(value, torch.Tensor):
         return f"{name} must be a tensor, got {type(value).__name__}"
-    if value.dim() != expected.dim():
-        return f"{name} must have {expected.dim()} dimensions, got shape {tuple(value.shape)}"
-    if value.dtype != expected.dtype:
-        return f"{name} must be {expected.dtype}, got {value.dtype}"
-    for i, (want, got) in enumerate(zip(expected.shape, value.shape)):
+    if value.dim() != len(shape):
+        return f"{name} must have {len(shape)} dimensions, got shape {tuple(value.shape)}"
+    if value.dtype != dtype:
+        return f"{name} must be {dtype}, got {value.dtype}"
+    for i, (want, got) in enumerate(zip(shape, value.shape)):
         if isinstance(want, int):
             if want != got:
                 return f"{name}.shape[{i}] is {got}; the graph was traced with exactly {want}"
             continue
-        symbol = str(want.node.expr)
+        symbol = want
         if symbol in ranges:
             low, high = ranges[symbol]
             if got < low or (high is not None and got > high):

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from graphlora import meta
+from graphlora import kv_cache, meta
 from graphlora.errors import InputError, TraceError
 from graphlora.signature import CallForm, ForwardSignature, call_key, example_inputs, guard_failure
 from graphlora.sites import functionalize_linear_modules
@@ -125,13 +125,19 @@ def export_call(
     """
     remaps = any(int(n) <= 1 for t in _tensors_of(bound) for n in t.shape)
     plans = [(True, True)] + ([(False, True)] if remaps else []) + [(False, False)] if dynamic else [(False, False)]
+    if form.state and dynamic:
+        # a call with a KV cache: attention branches on "one query or many" (decode or prefill),
+        # and a mask's broadcast dimension of 1 must stay 1, so sizes of 1 are the call's own
+        # and the others dynamic, not size-oblivious (a batch of 1 gets graphs of its own)
+        plans = [(False, True), (False, False)]
     errors: list[str] = []
     export_errors: list[str] = []
     actual_args, actual_kwargs = form.arrange(bound)
     for remap, use_dynamic in plans:
         args, kwargs = form.arrange(example_inputs(bound, remap=remap, factory=factory))
+        oblivious = _size_oblivious() if not form.state else _quiet_specialization()
         try:
-            with _traced_forward(model, form), _size_oblivious():
+            with _traced_forward(model, form), oblivious:
                 shapes = auto_dynamic_shapes(model.forward, args, kwargs) if use_dynamic else None
                 exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
         except Exception as exc:  # torch raises many unrelated types here
@@ -210,17 +216,23 @@ def _traced_forward(model: nn.Module, form: CallForm):
     except (TypeError, ValueError):
         signature = None
     baked = dict(form.baked)
+    state = dict(form.state)
     params = list(signature.parameters.values()) if signature is not None else []
     var_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
     extra = [n for n in form.keywords if n not in signature.parameters] if var_keyword else []
-    if not extra and not baked:
+    if not extra and not baked and not state:
         yield
         return
     original = model.forward
     had_own = "forward" in model.__dict__
 
     def forward(*args, **kwargs):
-        return original(*args, **kwargs, **baked)
+        if not state:
+            return original(*args, **kwargs, **baked)
+        # a KV cache arrives as its tensors: the model gets a cache object around them and the
+        # graph returns no object (see graphlora.kv_cache)
+        kwargs = {k: state[k].rebuild(v) if k in state else v for k, v in kwargs.items()}
+        return kv_cache.strip(original(*args, **kwargs, **baked))
 
     kept = [p for p in params if p.name not in baked and (p.kind is not p.VAR_KEYWORD or not extra)]
     if extra:
@@ -249,6 +261,21 @@ def _size_oblivious():
 
     with fx_config.patch(backed_size_oblivious=True):
         yield
+
+
+@contextlib.contextmanager
+def _quiet_specialization():
+    """torch.export logs every dimension of 1 it keeps static; for a KV-cache call those are
+    expected (one query, one mask head), so the log stays quiet."""
+    import logging
+
+    logger = logging.getLogger("torch._export.non_strict_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def structure_copy(model: nn.Module) -> nn.Module:

@@ -29,3 +29,11 @@ def sentences():
     from graphlora.data import pydoc_sentences
 
     return pydoc_sentences()
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs one worker per core) each worker gets its share of
+    the cores as torch threads: two workers with two threads each would oversubscribe two cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if os.environ.get("PYTEST_XDIST_WORKER") and workers > 0:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))

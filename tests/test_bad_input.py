@@ -74,7 +74,7 @@ def test_runtime_inputs_that_cannot_be_served_name_the_argument():
     # an argument the example did not have gets a graph of its own (tests/test_calls.py); what
     # cannot be traced or bound is named
     gpt = graphlora.transform(tiny_gpt2(), 2, (ids(),), {"use_cache": False})
-    with pytest.raises(TraceError, match=r"GPT2Model\.forward with use_cache=True: use_cache=True makes the model return a KV cache"):
+    with pytest.raises(TraceError, match=r"GPT2Model\.forward with use_cache=True: use_cache=True without past_key_values makes the model create and return a KV cache"):
         gpt(ids(), use_cache=True)
     with pytest.raises(InputError, match=r"argument 'past_key_values' is a object"):
         gpt(ids(), past_key_values=object())

@@ -31,7 +31,7 @@ from graphlora import distributed as gd
 from graphlora.distributed import fsdp as gd_fsdp
 from graphlora.distributed import saving as gd_saving
 from graphlora.distributed import split as gd_split
-from toy_models import canonical_execution
+from toy_models import Stack, canonical_execution
 
 JOB_TIMEOUT = 240  # seconds for the whole 2-rank job (~25 s on 2 idle CPU cores, ~60 s under load)
 WORLD = 2
@@ -80,41 +80,6 @@ def global_batch(step: int) -> torch.Tensor:
 
 def local_batch(step: int, rank: int) -> torch.Tensor:
     return global_batch(step)[2 * rank : 2 * rank + 2]
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.up = nn.Linear(dim, 2 * dim)
-        self.down = nn.Linear(2 * dim, dim)
-
-    def forward(self, h):
-        return h + self.down(torch.relu(self.up(h)))
-
-
-class Stack(nn.Module):
-    """A small hand-written "transformer": input projection, a ModuleList of residual blocks, head.
-
-    ``tie``: every block also reads block 0's weight (a weight shared across blocks).
-    ``inline``: the stack runs the blocks' layers itself, with its own activation module in
-    between, so code of another module runs between a block's own operations.
-    """
-
-    def __init__(self, dim: int = 16, depth: int = 3, tie: bool = False, inline: bool = False):
-        super().__init__()
-        self.embed = nn.Linear(4, dim)
-        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
-        self.head = nn.Linear(dim, 3)
-        self.act = nn.ReLU()
-        self.tie, self.inline = tie, inline
-
-    def forward(self, x):
-        h = self.embed(x)
-        for b in self.blocks:
-            h = h + b.down(self.act(b.up(h))) if self.inline else b(h)
-            if self.tie:
-                h = h + self.blocks[0].down.weight[0, :1]
-        return self.head(h)
 
 
 def stack_lora(**kw) -> graphlora.LoraModel:

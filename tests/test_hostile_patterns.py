@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import graphlora
-from graphlora import FileFormatError, LoraRule, RuleError
+from graphlora import ActivationRule, FileFormatError, LoraRule, QuantRule, RuleError
 from graphlora import patterns
 from graphlora.io.peft_format import parse_lora_key, read_adapter
 from graphlora.rules_file import load_rules
@@ -126,3 +126,12 @@ def test_hostile_tensor_keys_are_parsed_in_linear_time():
     assert parse_lora_key("m.lora_B.adapter.weight") == ("m", "B", "adapter")
     assert parse_lora_key("lora_A.weight") is None and parse_lora_key("m.lora_C.weight") is None
     assert time.perf_counter() - start < 5
+
+
+def test_activation_rule_patterns_are_bounded_too(quick):
+    """Whole-graph activation rules match module paths and tensor names through the same bound."""
+    lm = graphlora.transform(Deep(), [QuantRule(r".*lin", weight_qtype="int8")], (torch.randn(2, 4),),
+                             progress=False)
+    for rule in (ActivationRule(EVIL, kinds=("linear",)), ActivationRule(tensor=EVIL, kinds=("linear",))):
+        with pytest.raises(RuleError, match="backtracks catastrophically"):
+            graphlora.calibrate(lm, [torch.randn(2, 4)], activations=[rule], progress=False)

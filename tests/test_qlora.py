@@ -11,35 +11,43 @@ from graphlora.quant import NF4_CODEBOOK
 from toy_models import AllSpellings, MLP, SharedWeight, ids, tiny_gpt2, tiny_llama
 
 
-def _rtn_reference(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Independent symmetric absmax round-to-nearest, per group along the input dim (numpy)."""
+def _rtn_reference(w: torch.Tensor, bits: int, group: int, grid: str = "restricted") -> torch.Tensor:
+    """Independent symmetric round-to-nearest, per group along the input dim (numpy): absmax /
+    qmax on the restricted grid, max(|min| / (qmax + 1), max / qmax) on the full one."""
     a = w.detach().double().numpy()
     out = np.empty_like(a)
     qmax = 2 ** (bits - 1) - 1
     for g0 in range(0, a.shape[1], group):
         blk = a[:, g0:g0 + group]
-        scale = np.abs(blk).max(axis=1, keepdims=True) / qmax
+        if grid == "restricted":
+            scale = np.abs(blk).max(axis=1, keepdims=True) / qmax
+        else:
+            scale = np.maximum(-np.minimum(blk.min(axis=1, keepdims=True), 0) / (qmax + 1),
+                               np.maximum(blk.max(axis=1, keepdims=True), 0) / qmax)
         scale = np.where(scale == 0, 1.0, scale)
         # scales are stored as float16, rounded up so no value falls outside the grid
         s16 = scale.astype(np.float16)
         s16 = np.where(s16.astype(np.float64) < scale, np.nextafter(s16, np.float16(np.inf)), s16)
         scale = s16.astype(np.float64)
-        out[:, g0:g0 + group] = np.clip(np.round(blk / scale), -qmax - 1, qmax) * scale
+        lowest = -qmax if grid == "restricted" else -qmax - 1
+        out[:, g0:g0 + group] = np.clip(np.round(blk / scale), lowest, qmax) * scale
     return torch.from_numpy(out)
 
 
+@pytest.mark.parametrize("grid", ["restricted", "full"])
 @pytest.mark.parametrize("group", [16, 24])  # 24 does not divide 40: the last group is shorter
-def test_int4_storage_is_packed_and_matches_independent_rtn(group):
+def test_int4_storage_is_packed_and_matches_independent_rtn(group, grid):
     model = MLP(dims=(40, 32, 4))
     x = torch.randn(5, 40)
-    lm = graphlora.transform(model, [LoraRule(r"layers\.0", rank=4, weight_qtype="int4", group_size=group)], (x,))
+    lm = graphlora.transform(model, [LoraRule(r"layers\.0", rank=4, weight_qtype="int4", group_size=group,
+                                              weight_grid=grid)], (x,))
     gm = lm.graph_module
     assert "layers.0.weight" not in dict(gm.named_parameters())  # the float weight is gone
     buffers = dict(gm.named_buffers())
     packed = buffers["graphlora_quant.weight.layers.0.weight.packed"]
     assert packed.dtype == torch.uint8 and tuple(packed.shape) == (32, 20)  # two codes per byte
     # the base computes with exactly the independently quantized weight
-    w_ref = _rtn_reference(model.layers[0].weight, 4, group)
+    w_ref = _rtn_reference(model.layers[0].weight, 4, group, grid)
     expected = torch.relu(x.double() @ w_ref.T + model.layers[0].bias.double()) @ model.layers[1].weight.double().T + model.layers[1].bias.double()
     torch.testing.assert_close(lm(x).double(), expected, rtol=1e-4, atol=1e-5)
     assert lm.sites[0].weight_qtype == "int4"

@@ -178,9 +178,11 @@ def test_short_last_group_uses_its_own_absmax():
     w = torch.zeros(2, 10)
     w[0, :8] = 1.0
     w[0, 8:] = torch.tensor([0.25, -0.5])  # last group (size 2) has absmax 0.5
-    enc = calibrate_weight(w, "int8", block_size=8)
+    enc = calibrate_weight(w, "int8", block_size=8, grid="restricted")
     assert enc.scale.shape == (2, 2)
     assert enc.scale[0, 1].item() == pytest.approx(0.5 / 127)
+    # on the full grid (the default) the negative side may use -128: scale max(0.5 / 128, 0.25 / 127)
+    assert calibrate_weight(w, "int8", block_size=8).scale[0, 1].item() == pytest.approx(0.5 / 128)
     dq = enc.dequantize(enc.quantize(w))
     assert torch.allclose(dq, w, atol=0.5 / 127 / 2 + 1e-7)
 
@@ -208,7 +210,7 @@ def test_symmetric_unsigned_uses_midpoint_zero_point():
 # ----------------------------------------------------------------------- serialisation
 def test_to_dict_aimet_fields_and_offsets():
     w = torch.randn(4, 16) + 0.3
-    sym = calibrate_weight(w, "int8", method="absmax")
+    sym = calibrate_weight(w, "int8", method="absmax", grid="restricted")
     d = sym.to_dict("fc.weight")
     json.dumps(d)
     assert d["name"] == "fc.weight" and d["dtype"] == "INT" and d["enc_type"] == "PER_CHANNEL"

@@ -15,6 +15,7 @@ from graphlora.quant import (
     get_qtype,
     make_observer,
     reduce_observers,
+    with_grid,
 )
 
 
@@ -41,9 +42,11 @@ def test_minmax_matches_numpy_and_encoding_formula():
     scale = np.float32((hi - lo) / 255)
     assert enc.scale.item() == pytest.approx(scale, rel=1e-6)
     assert enc.zero_point.item() == int(np.clip(np.rint(-lo / scale), 0, 255))
-    enc = obs.compute_encoding("int16", symmetric=True)
+    enc = obs.compute_encoding("int16", symmetric=True, grid="restricted")
     assert enc.zero_point is None
     assert enc.scale.item() == pytest.approx(max(abs(x.min()), abs(x.max())) / 32767, rel=1e-6)
+    enc = obs.compute_encoding("int16", symmetric=True)  # the full grid (default): -32768 usable
+    assert enc.scale.item() == pytest.approx(max(-min(x.min(), 0) / 32768, max(x.max(), 0) / 32767), rel=1e-6)
     assert enc.granularity == "PER_TENSOR" and enc.name == "blk.0.out"
 
 
@@ -55,10 +58,17 @@ def test_percentile_matches_numpy_within_bin_width(p):
     lo, hi = obs.compute_range(get_qtype("uint8"), symmetric=False)
     assert abs(hi - np.percentile(x, p)) <= 2 * w
     assert abs(lo - np.percentile(x, 100 - p)) <= 2 * w
-    _, a = obs.compute_range(get_qtype("int8"), symmetric=True)
+    # the restricted grid mirrors the range: the percentile of |x|
+    _, a = obs.compute_range(with_grid("int8", "restricted"), symmetric=True)
     assert abs(a - np.percentile(np.abs(x), p)) <= 2 * w
-    enc = obs.compute_encoding("int8", symmetric=True)
+    enc = obs.compute_encoding("int8", symmetric=True, grid="restricted")
     assert enc.scale.item() == pytest.approx(a / 127, rel=1e-6)
+    # the full grid: each side's observed extent capped at that percentile of |x|; scale
+    # max(|lo| / 128, hi / 127)
+    lo_f, hi_f = obs.compute_range(get_qtype("int8"), symmetric=True)
+    assert lo_f == pytest.approx(max(-a, min(x.min(), 0.0))) and hi_f == pytest.approx(min(a, x.max()))
+    enc = obs.compute_encoding("int8", symmetric=True, grid="full")
+    assert enc.scale.item() == pytest.approx(max(-lo_f / 128, hi_f / 127), rel=1e-6)
 
 
 def _np_qdq(x, lo, hi, qmin, qmax, symmetric):

@@ -8,8 +8,10 @@ from graphlora.quant import weight_methods as wm
 
 
 def test_the_methods_rules_can_name():
-    assert wm.weight_method_names() == ("absmax", "minmax", "mse", "gptq")
-    assert [wm.weight_method(n).needs_data for n in wm.weight_method_names()] == [False, False, False, True]
+    # seqmse and adaround: issue 18 (AIMET's data-driven weight methods)
+    assert wm.weight_method_names() == ("absmax", "minmax", "mse", "gptq", "seqmse", "adaround")
+    assert [wm.weight_method(n).needs_data for n in wm.weight_method_names()] == [
+        False, False, False, True, True, True]
 
 
 @pytest.mark.parametrize(
@@ -30,10 +32,10 @@ def test_data_free_stand_ins(name, symmetric, expected):
 
 
 def test_unknown_method_names_the_known_ones():
-    with pytest.raises(graphlora.QuantizationError, match="known methods: absmax, minmax, mse, gptq"):
-        wm.weight_method("adaround")
+    with pytest.raises(graphlora.QuantizationError, match="known methods: absmax, minmax, mse, gptq, seqmse, adaround"):
+        wm.weight_method("omniquant")
     with pytest.raises(graphlora.RuleError, match="weight_calibration must be one of"):
-        rule = graphlora.QuantRule(".*", weight_qtype="int8", weight_calibration="adaround")
+        rule = graphlora.QuantRule(".*", weight_qtype="int8", weight_calibration="omniquant")
         graphlora.transform(torch.nn.Linear(8, 8), [rule], (torch.randn(2, 8),))
 
 

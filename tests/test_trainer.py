@@ -83,7 +83,7 @@ def test_the_attributes_transformers_reads():
     assert lm.device == torch.device("cpu") and lm.dtype == torch.float32
     assert isinstance(lm.generation_config, GenerationConfig)
     assert lm.main_input_name == "input_ids" and lm.loss_type == model.loss_type
-    assert lm.can_generate() is False  # no generate() on a LoraModel yet
+    assert lm.can_generate() is True and callable(lm.generate)  # generate() over a static KV cache
     assert lm.warnings_issued == {} and lm.supports_gradient_checkpointing
     assert lm._get_name() == "LlamaForCausalLM"
     assert inspect.signature(type(lm).forward).parameters.keys() == inspect.signature(type(model).forward).parameters.keys()

@@ -119,3 +119,38 @@ def canonical_execution(lm):
         yield lm
     finally:
         lm.fused_execution = True
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.up = nn.Linear(dim, 2 * dim)
+        self.down = nn.Linear(2 * dim, dim)
+
+    def forward(self, h):
+        return h + self.down(torch.relu(self.up(h)))
+
+
+class Stack(nn.Module):
+    """A small hand-written "transformer": input projection, a ModuleList of residual blocks, head.
+
+    ``tie``: every block also reads block 0's weight (a weight shared across blocks).
+    ``inline``: the stack runs the blocks' layers itself, with its own activation module in
+    between, so code of another module runs between a block's own operations.
+    """
+
+    def __init__(self, dim: int = 16, depth: int = 3, tie: bool = False, inline: bool = False):
+        super().__init__()
+        self.embed = nn.Linear(4, dim)
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
+        self.head = nn.Linear(dim, 3)
+        self.act = nn.ReLU()
+        self.tie, self.inline = tie, inline
+
+    def forward(self, x):
+        h = self.embed(x)
+        for b in self.blocks:
+            h = h + b.down(self.act(b.up(h))) if self.inline else b(h)
+            if self.tie:
+                h = h + self.blocks[0].down.weight[0, :1]
+        return self.head(h)

@@ -16,6 +16,7 @@ from typing import Any
 from torch import fx, nn
 
 from graphlora.adapters import ADAPTERS_ROOT
+from graphlora.block_split import check_blocks
 from graphlora.collectives import require_initialized
 from graphlora.distributed.blocks import find_transformer_blocks
 from graphlora.distributed.split import execution_state, noop_forward, run_blockwise, split_graph
@@ -103,18 +104,9 @@ def shard_lora_model(
 
 
 def _check_block_paths(gm: fx.GraphModule, paths: Sequence[str]) -> None:
-    names = dict(gm.named_modules())
-    missing = [p for p in paths if p not in names]
-    if missing:
-        raise DistributedError(
-            f"block path(s) {', '.join(missing[:5])} are not modules of the traced graph; module "
-            "paths look like 'model.layers.0' (see find_transformer_blocks)"
-        )
-    nested = [(a, b) for a in paths for b in paths if a != b and b.startswith(a + ".")]
-    if nested:
-        raise DistributedError(f"blocks must not nest: {nested[0][1]!r} is inside {nested[0][0]!r}")
-    if len(set(paths)) != len(paths):
-        raise DistributedError("the same block path is given twice")
+    problem = check_blocks(dict(gm.named_modules()), paths)
+    if problem is not None:
+        raise DistributedError(problem)
 
 
 def _adapter_containers(gm: fx.GraphModule, paths: Sequence[str]) -> dict[str, list[str]]:

@@ -1,4 +1,7 @@
-"""An encodings file close to AIMET's 1.0.0 schema, written and read back exactly.
+"""graphlora's encodings file: AIMET's 1.0.0 layout plus a ``graphlora`` object per entry, written
+and read back exactly. (AIMET's own files, which lack what that object says, are read by
+:func:`graphlora.load_aimet_encodings`, which proves their layout against the model, and written
+by :func:`graphlora.save_aimet_encodings`.)
 
 Schema (JSON)::
 
@@ -19,10 +22,12 @@ Schema (JSON)::
 
 Per-channel and per-block scales are flattened row-major from the ``(channels,)`` /
 ``(channels, blocks)`` layout. ``NF4`` is graphlora's extension (AIMET has no NF4). The
-``graphlora`` sub-object carries what AIMET's entries cannot (the exact qtype, the channel axis
-and tensor shape); files from AIMET without it load for integer encodings when the caller
-supplies shapes and axes. Names: base weights by parameter name, activations as
-``<site>.input`` / ``<site>.lora_A.output``, LoRA weights as ``<site>.lora_A.weight``.
+``graphlora`` sub-object carries what AIMET's entries cannot (the exact qtype and grid, the
+channel axis and tensor shape). An entry without it is read only when it is per tensor or per
+channel and the caller supplies the shape and axis; a per-block one is refused (its scale order
+cannot be proven from the entry), and an AIMET file is pointed to ``load_aimet_encodings``.
+Names: base weights by parameter name, activations as ``<site>.input`` / ``<site>.lora_A.output``,
+LoRA weights as ``<site>.lora_A.weight``.
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ import os
 from typing import Mapping
 
 from graphlora.errors import FileFormatError, QuantizationError
+from graphlora.io.aimet_format import is_aimet_file
 from graphlora.io.atomic import atomic_write
 from graphlora.io.json_file import expect, read_json
-from graphlora.quant import Encoding
+from graphlora.quant import GRIDS, Encoding
 
 VERSION = "1.0.0"
 
@@ -78,11 +84,17 @@ def load_encodings(
     axes: Mapping[str, int] | None = None,
 ) -> dict[str, Encoding]:
     """Read an encodings file into Encoding objects by tensor name (FileFormatError if broken:
-    not JSON, not UTF-8, nested too deeply, a field of the wrong type, a non-finite scale, ...)."""
+    not JSON, not UTF-8, nested too deeply, a field of the wrong type, a non-finite scale, ...).
+    AIMET's own files are refused with a pointer to :func:`graphlora.load_aimet_encodings`."""
     where = os.fspath(path)
     if not os.path.exists(where):
         raise FileFormatError(f"encodings file {where!r} does not exist")
     data = read_json(path, what="an encodings file")
+    if is_aimet_file(data):
+        raise FileFormatError(
+            f"{where!r} is an AIMET encodings file (version {data.get('version', '0.6.1')}): "
+            "its entries do not say their layout; read it with graphlora.load_aimet_encodings(model, "
+            "path, onnx_model=...), which maps AIMET's names onto the model and proves each layout")
     if not isinstance(data, dict) or "param_encodings" not in data and "activation_encodings" not in data:
         raise FileFormatError(
             f"{where!r} is not an encodings file: expected 'param_encodings' / "
@@ -102,6 +114,12 @@ def load_encodings(
             name = entry.get("name") if isinstance(entry, dict) else None
             if not name or not isinstance(name, str):
                 raise FileFormatError(f"{where!r}: {section}[{i}] has no name")
+            if "graphlora" not in entry and entry.get("enc_type") == "PER_BLOCK":
+                raise FileFormatError(
+                    f"{where!r}: {section}[{i}] ({name}): a PER_BLOCK entry without "
+                    "graphlora's layout object: AIMET flattens block scales (out, blocks) or "
+                    "(blocks, out) depending on how it named the tensor; read AIMET files with "
+                    "graphlora.load_aimet_encodings")
             out[name] = encoding_from_entry(
                 entry, f"{where!r}: {section}[{i}] ({name})",
                 shape=(shapes or {}).get(name), axis=(axes or {}).get(name),
@@ -136,6 +154,9 @@ def encoding_from_entry(
     extra = expect(entry, "graphlora", "object", where, required=False, nullable=True) or {}
     sub = f"{where}: graphlora"
     expect(extra, "qtype", "str", sub, required=False)
+    grid = expect(extra, "grid", "str", sub, required=False)
+    if grid is not None and grid not in GRIDS:
+        raise FileFormatError(f"{sub}: 'grid' must be one of {GRIDS}, got {grid!r}")
     expect(extra, "axis", "int", sub, required=False, nullable=True)
     expect(extra, "scale_dtype", "str", sub, required=False)
     dims = expect(extra, "shape", "list", sub, required=False)

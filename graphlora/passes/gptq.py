@@ -2,28 +2,28 @@
 
 Each weight is quantized from the Hessian ``H = 2 X^T X / n`` of the inputs its site sees, and the
 layers run *sequentially*: a weight's Hessian is collected with every weight it depends on
-already quantized, so it compensates its predecessors' error too. Sequencing is by waves of the
-graph's dependency order — sites whose inputs do not depend on each other (query, key and value
-of one attention block) share a wave and one pass over the data; sites that read the same input
-share one Hessian. Collection inserts capture modules on the sites' inputs for one wave, runs the
-batches, and stops each forward right after the wave's last capture, so a wave in layer 3 costs
-three layers of compute, not the whole model.
+already quantized, so it compensates its predecessors' error too. The schedule is
+:mod:`graphlora.passes.sequential`'s: one pass over the depth, block by block (each block's
+inputs cached once, its weights quantized in dependency order on its own recomputed
+activations, its outputs propagated to the next block), or — for a graph without repeated
+blocks — one run of the graph per dependency wave. Sites whose inputs do not depend on each
+other (query, key and value of one attention block) share a wave and one pass over the data;
+sites that read the same input share one Hessian.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from graphlora import meta
 from graphlora import batches as batch_feed
 from graphlora.collectives import is_initialized, sync_stats
 from graphlora.errors import CalibrationError, QuantizationError
-from graphlora.graph_utils import ensure_container
 from graphlora.passes.base import GraphPass, PassResult
 from graphlora.passes.quantize_weights import (
     Storage,
@@ -32,33 +32,32 @@ from graphlora.passes.quantize_weights import (
     install_encoding,
     weight_axis,
 )
+from graphlora.passes.sequential import Schedule, WeightSolution, calibrate_sequentially
 from graphlora.passes.weights import groups_by_weight
 from graphlora.quant import HessianAccumulator, gptq_quantize
+from graphlora.quant.seqmse import adaround_quantize, seqmse_quantize
 from graphlora.sites import LinearSite, tagged_sites
 
-CAPTURE_ROOT = "graphlora_gptq_capture"
+log = logging.getLogger("graphlora.gptq")
 
 
-class _StopForward(Exception):
-    """Raised by the last capture of a wave: the rest of the forward is not needed."""
-
-
-class _Capture(nn.Module):
-    def __init__(self, accumulator: HessianAccumulator, stop: bool):
-        super().__init__()
-        self.accumulator = accumulator
-        self.stop = stop
-
-    def forward(self, x):
-        self.accumulator.add(x.detach())
-        if self.stop:
-            raise _StopForward
-        return x
+#: the Hessian-based methods other than GPTQ this pass runs (graphlora.quant.seqmse)
+OUTPUT_ERROR_METHODS = {"seqmse": seqmse_quantize, "adaround": adaround_quantize}
 
 
 @dataclass
 class GPTQPass(GraphPass):
-    """Quantize every site whose rule says ``weight_calibration="gptq"``, sequentially."""
+    """Quantize every site whose rule says ``weight_calibration=<method>``, sequentially, from
+    the Hessian of its inputs: ``gptq`` (error compensation), ``seqmse`` or ``adaround`` (the
+    layer-output error; :mod:`graphlora.quant.seqmse`). Every weight sees the inputs of the
+    layers before it already quantized, as GPTQ and AIMET's SeqMSE do.
+
+    ``schedule``: ``"auto"`` (block by block where the graph has blocks, else the wave
+    schedule), ``"blocks"`` or ``"waves"``; ``blocks``: the block module paths or a regex
+    (default: found in the graph). After the pass, ``schedule_used`` says which schedule ran
+    and ``seconds`` what each block took; the ``graphlora.gptq`` logger says it at INFO, and the
+    progress bar is named after it ("GPTQ blocks" or "GPTQ waves").
+    """
 
     batches: Iterable[Any]
     storage: Storage = "packed"
@@ -67,7 +66,11 @@ class GPTQPass(GraphPass):
     percdamp: float = 0.01
     #: the registered weight-calibration method this pass runs (graphlora.quant.weight_methods)
     method: str = "gptq"
+    schedule: Literal["auto", "blocks", "waves"] = "auto"
+    blocks: Sequence[str] | str | None = None
     quantized: list[str] = field(default_factory=list)
+    schedule_used: Schedule | None = None
+    seconds: list[tuple[str, float]] = field(default_factory=list)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         groups = {
@@ -82,146 +85,69 @@ class GPTQPass(GraphPass):
         if not groups:
             return PassResult(gm, False)
         if self.batches is None:
-            raise CalibrationError("GPTQ needs calibration data: pass calibration_data=... (batches)")
+            raise CalibrationError(f"{self.method.upper()} needs calibration data: pass calibration_data=... (batches)")
         data = list(batch_feed.iterate(self.batches, num_batches=self.num_batches, progress=False))
         if not data:
-            raise CalibrationError("GPTQ got no calibration batches")
+            raise CalibrationError(f"{self.method.upper()} got no calibration batches")
         for sites in groups.values():
             if any(s.spec.use_layout != s.spec.param_layout for s in sites):
                 raise QuantizationError(
-                    f"GPTQ on {sites[0].spec.weight_name!r}: the weight is read in both "
+                    f"{self.method.upper()} on {sites[0].spec.weight_name!r}: the weight is read in both "
                     "orientations, so its inputs have no single Hessian; use absmax/mse for it"
                 )
-        waves = dependency_waves(gm, groups)
+        result = calibrate_sequentially(
+            gm, groups, data, _GPTQ(self.percdamp, self.method), schedule=self.schedule, blocks=self.blocks,
+            progress=self.progress, desc=self.method.upper(),
+        )
+        self.schedule_used, self.seconds = result.schedule, result.seconds
+        log.info("%s on %d weights: %s, %.1f s", self.method.upper(), len(result.solutions), result.schedule,
+                 sum(s for _, s in result.seconds))
         self.quantized = []
-        bar = _progress(len(waves), self.progress)
-        for wave in waves:
-            hessians = self._collect(gm, {name: groups[name] for name in wave}, data)
-            for name in wave:
-                self._quantize(gm, groups[name], hessians[name])
-                self.quantized.append(name)
-            # the graph changed: fresh site handles for the next wave
-            current = groups_by_weight(tagged_sites(gm))
-            groups = {n: current[n] for n in groups if n in current}
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+        for name, solution in result.solutions.items():
+            install_encoding(gm, groups[name], solution.encoding, self.storage, codes=solution.codes,
+                             method=self.method)
+            self.quantized.append(name)
         return PassResult(gm, True)
 
     def ensures(self, gm: fx.GraphModule) -> None:
         check_quantized(gm, self.quantized, self.storage, self.name)
 
-    def _collect(self, gm: fx.GraphModule, wave: dict[str, list[LinearSite]], data: list) -> dict[str, HessianAccumulator]:
-        """Run the data once with capture modules on the wave's inputs; one Hessian per weight."""
-        by_input: dict[fx.Node, HessianAccumulator] = {}
-        owners: dict[str, list[HessianAccumulator]] = {}
-        for name, sites in wave.items():
-            in_features = sites[0].spec.in_features
-            for site in sites:
-                acc = by_input.get(site.input)
-                if acc is None:
-                    # float32 sums: float64 made the 1536-wide MLP inputs of MiniLM 10x slower
-                    acc = HessianAccumulator(in_features, dtype=torch.float32, name=name)
-                    by_input[site.input] = acc
-                owners.setdefault(name, []).append(acc)
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        inputs = sorted(by_input, key=order.__getitem__)
-        container = ensure_container(gm, CAPTURE_ROOT)
-        capture_nodes = []
-        for i, x in enumerate(inputs):
-            container.add_module(str(i), _Capture(by_input[x], stop=(i == len(inputs) - 1)))
-            with gm.graph.inserting_after(x):
-                capture_nodes.append(gm.graph.call_module(f"{CAPTURE_ROOT}.{i}", (x,)))
-        gm.recompile()
-        try:
-            with torch.no_grad():
-                for batch in data:
-                    try:
-                        batch_feed.call(gm, batch)
-                    except _StopForward:
-                        pass
-        finally:
-            for node in capture_nodes:
-                gm.graph.erase_node(node)
-            gm._modules.pop(CAPTURE_ROOT, None)
-            gm.recompile()
-        _sync(list(by_input.values()))
-        result = {}
-        for name, accs in owners.items():
-            total = HessianAccumulator(accs[0].in_features, dtype=torch.float32, name=name)
-            for acc in dict.fromkeys(accs):  # a shared input counts once per use
-                total.merge(acc)
-            result[name] = total
-        return result
 
-    def _quantize(self, gm: fx.GraphModule, sites: list[LinearSite], acc: HessianAccumulator) -> None:
+class _GPTQ:
+    """The Hessian-based methods as a :class:`~graphlora.passes.sequential.SequentialMethod`:
+    Hessians of the site inputs, summed across ranks, then :func:`graphlora.quant.gptq_quantize`
+    or one of :data:`OUTPUT_ERROR_METHODS`."""
+
+    def __init__(self, percdamp: float, method: str = "gptq"):
+        self.percdamp = percdamp
+        self.method = method
+
+    def collector(self, name: str, in_features: int) -> HessianAccumulator:
+        # float32 sums: float64 made the 1536-wide MLP inputs of MiniLM 10x slower
+        return HessianAccumulator(in_features, dtype=torch.float32, name=name)
+
+    def reduce(self, collectors: list[HessianAccumulator]) -> None:
+        if is_initialized():
+            sync_stats(collectors)
+
+    def solve(self, name: str, sites: list[LinearSite], collected: list[HessianAccumulator]) -> WeightSolution:
+        total = HessianAccumulator(collected[0].in_features, dtype=torch.float32, name=name)
+        for acc in collected:
+            total.merge(acc)
         rule = sites[0].rule
         name = sites[0].spec.weight_name
         weight = sites[0].param_value().detach()
-        result = gptq_quantize(
-            weight,
-            acc.hessian(),
-            rule.weight_qtype,
-            axis=weight_axis(sites[0]),
-            block_size=rule.group_size,
-            method="minmax" if rule.weight_symmetric is False else "absmax",
-            symmetric=rule.weight_symmetric,
-            scale_dtype=default_scale_dtype(rule.weight_qtype, False),
-            percdamp=self.percdamp,
-            name=name,
-        )
-        install_encoding(gm, sites, result.encoding, self.storage, codes=result.codes, method=self.method)
-
-
-def dependency_waves(gm: fx.GraphModule, groups: dict[str, list[LinearSite]]) -> list[list[str]]:
-    """Weights in waves: a weight joins the first wave after every weight its inputs depend on.
-
-    Dependencies are tracked with one bit per weight group propagated through the graph, so the
-    cost is one walk over the nodes.
-    """
-    bit = {name: 1 << i for i, name in enumerate(groups)}
-    site_group = {s.node: name for name, sites in groups.items() for s in sites}
-    masks: dict[fx.Node, int] = {}
-    for node in gm.graph.nodes:
-        m = 0
-        for inp in node.all_input_nodes:
-            m |= masks.get(inp, 0)
-        if node in site_group:
-            m |= bit[site_group[node]]
-        masks[node] = m
-    depends = {
-        name: _or(masks.get(s.input, 0) for s in sites) & ~bit[name] for name, sites in groups.items()
-    }
-    waves: list[list[str]] = []
-    done = 0
-    remaining = list(groups)
-    while remaining:
-        wave = [n for n in remaining if depends[n] & ~done == 0]
-        if not wave:  # a cycle cannot happen in a DAG; guard anyway
-            raise QuantizationError("GPTQ could not order the weights by their dependencies")
-        waves.append(wave)
-        for n in wave:
-            done |= bit[n]
-        remaining = [n for n in remaining if n not in wave]
-    return waves
-
-
-def _or(values) -> int:
-    out = 0
-    for v in values:
-        out |= v
-    return out
-
-
-def _sync(accumulators: list[HessianAccumulator]) -> None:
-    if is_initialized():
-        sync_stats(accumulators)
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="GPTQ waves", leave=False)
+        common = dict(axis=weight_axis(sites[0]), block_size=rule.group_size,
+                      symmetric=rule.weight_symmetric,
+                      scale_dtype=default_scale_dtype(rule.weight_qtype, False), name=name,
+                      grid=rule.weight_grid)
+        if self.method == "gptq":
+            result = gptq_quantize(weight, total.hessian(), rule.weight_qtype,
+                                   method="minmax" if rule.weight_symmetric is False else "absmax",
+                                   percdamp=self.percdamp, **common)
+        elif self.method in OUTPUT_ERROR_METHODS:
+            result = OUTPUT_ERROR_METHODS[self.method](weight, total.hessian(), rule.weight_qtype, **common)
+        else:
+            raise QuantizationError(f"{name}: no Hessian-based weight method {self.method!r} "
+                                    f"(known: gptq, {', '.join(OUTPUT_ERROR_METHODS)})")
+        return WeightSolution(result.encoding, result.codes)

@@ -61,6 +61,7 @@ class _Target:
     percentile: float
     module_path: str
     adapter: str | None
+    grid: str | None = None
 
 
 def _branch_inputs(branches: list[LoraBranch]) -> list[fx.Node]:
@@ -93,7 +94,7 @@ class InsertObserversPass(GraphPass):
             consumers = [c for c in consumers if value in c.all_input_nodes]
             if not consumers or _is_quantized(value):
                 return
-            key = (value, target.qtype, target.symmetric, target.calibration)
+            key = (value, target.qtype, target.symmetric, target.calibration, target.grid)
             obs_node = shared.get(key)
             if obs_node is None:
                 index = str(len(container._modules))
@@ -123,14 +124,14 @@ class InsertObserversPass(GraphPass):
                     consumers += _branch_inputs(branches)
                 observe(site.input, consumers, _Target(
                     f"{key}.input", rule.act_qtype, rule.act_symmetric, rule.act_calibration,
-                    rule.act_percentile, site.module_path, None))
+                    rule.act_percentile, site.module_path, None, rule.act_grid))
                 base_quantized = True
             if self.targets in ("all", "lora") and rule.lora_act_qtype and branches:
                 if not base_quantized and not _is_quantized(site.input):
                     observe(site.input, _branch_inputs(branches), _Target(
                         f"{key}.lora_input", rule.lora_act_qtype, rule.act_symmetric,
                         rule.act_calibration, rule.act_percentile, site.module_path,
-                        branches[0].adapter))
+                        branches[0].adapter, rule.act_grid))
                 for br in branches:
                     if br.scale is None:
                         continue
@@ -138,7 +139,8 @@ class InsertObserversPass(GraphPass):
                     which = "lora_A" if any(meta.role(u) == "lora_b" for u in consumers) else "lora_B"
                     observe(br.scale, consumers, _Target(
                         f"{key}.{which}.output", rule.lora_act_qtype, rule.act_symmetric,
-                        rule.act_calibration, rule.act_percentile, site.module_path, br.adapter))
+                        rule.act_calibration, rule.act_percentile, site.module_path, br.adapter,
+                        rule.act_grid))
         if not container._modules:
             gm._modules.pop(OBSERVER_ROOT, None)
         return PassResult(gm, bool(self.observers))
@@ -164,7 +166,7 @@ class FreezeObserversPass(GraphPass):
         for node in observer_nodes(gm):
             info = dict(meta.info(node))
             observer = gm.get_submodule(node.target)
-            encoding = observer.compute_encoding(info["qtype"], info["symmetric"])
+            encoding = observer.compute_encoding(info["qtype"], info["symmetric"], info.get("grid"))
             fq = _insert_fake_quant(gm, node.args[0], encoding, info, mode, after=node)
             node.replace_all_uses_with(fq)
             gm.graph.erase_node(node)
@@ -197,7 +199,7 @@ def _insert_fake_quant(gm, value: fx.Node, encoding: Encoding, info: dict, mode,
     block = encoding.block_size
     with gm.graph.inserting_after(cursor):
         fq = insert_call(
-            gm.graph, FAKE_QUANT, (value, scale, zp, axis, block, qt.qmin, qt.qmax),
+            gm.graph, FAKE_QUANT, (value, scale, zp, axis, block, qt.qmin, qt.qmax),  # the grid's
             role="fake_quant", mode=mode, tensor=tensor, qtype=qt.name, encoding=encoding,
             symmetric=encoding.symmetric, **tags,
         )
@@ -232,7 +234,8 @@ class QuantizeLoraWeightsPass(GraphPass):
                 which = info["tensor"]
                 tensor = f"{site.module_path}.{which}.weight"
                 weight = get_tensor(gm, node.target).detach()
-                encoding = calibrate_weight(weight, rule.lora_weight_qtype, method="absmax", axis=0, name=tensor)
+                encoding = calibrate_weight(weight, rule.lora_weight_qtype, method="absmax", axis=0,
+                                            name=tensor, grid=_int_grid(rule.lora_weight_qtype, rule.weight_grid))
                 fq = _insert_fake_quant(
                     gm, node, encoding, {**info, "tensor": tensor}, mode, after=node,
                     root=LORA_WEIGHT_ROOT, axis=0,
@@ -241,6 +244,14 @@ class QuantizeLoraWeightsPass(GraphPass):
                     u.replace_input_with(node, fq)
                 self.encodings[tensor] = encoding
         return PassResult(gm, bool(self.encodings))
+
+
+def _int_grid(qtype: str, grid: str | None) -> str | None:
+    """A rule's weight grid for its LoRA weights: the restricted grid only where it exists (a
+    rule may pair an nf4 base, which has none, with integer LoRA weights)."""
+    from graphlora.quant import get_qtype
+
+    return grid if get_qtype(qtype).kind == "int" else None
 
 
 def remove_fake_quant(gm: fx.GraphModule, targets: Targets = "all") -> int:

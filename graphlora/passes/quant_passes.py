@@ -6,6 +6,7 @@ activation encodings need data, so they come later from :func:`graphlora.calibra
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Iterable
 
 from graphlora.errors import QuantizationError
@@ -15,7 +16,11 @@ from graphlora.passes.quantize_weights import QuantizeWeightsPass, Storage
 from graphlora.rules import QuantRule
 
 #: the pass that runs each data-driven weight method of graphlora.quant.weight_methods
-DATA_METHOD_PASSES: dict[str, Callable[..., GraphPass]] = {"gptq": GPTQPass}
+DATA_METHOD_PASSES: dict[str, Callable[..., GraphPass]] = {
+    "gptq": GPTQPass,
+    "seqmse": partial(GPTQPass, method="seqmse"),
+    "adaround": partial(GPTQPass, method="adaround"),
+}
 
 
 def data_method_passes(

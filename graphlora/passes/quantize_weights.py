@@ -69,6 +69,7 @@ def rule_encoding(site: LinearSite, rule: QuantRule, weight: torch.Tensor) -> En
         scale_dtype=default_scale_dtype(rule.weight_qtype, double_quant),
         double_quant=double_quant,
         name=site.spec.weight_name,
+        grid=rule.weight_grid,
     )
 
 

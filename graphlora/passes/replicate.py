@@ -183,6 +183,16 @@ class ReplicateQuantizersPass(GraphPass):
                 if counterpart is not None and q in user.args:
                     uses.append((counterpart, user.args.index(q)))
             if not uses:
+                if any(node_identity(user) is None for user in q.users):
+                    # a whole-graph activation encoding (on a norm, an add, a softmax...): its users
+                    # have no identity across graphs, and leaving it out would silently run this
+                    # call without it
+                    raise PassError(
+                        f"{self.name}: the activation encoding of {meta.info(q).get('tensor')} (whole-graph "
+                        "placement, graphlora.calibrate(..., activations=...)) cannot be carried to "
+                        "another call structure yet; call the model as it was traced, or transform it "
+                        "with an example of this call"
+                    )
                 continue
             value = uses[0][0].args[uses[0][1]]
             new = self._copy(gm, copier, q, value)

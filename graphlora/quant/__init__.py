@@ -17,14 +17,20 @@ from graphlora.quant.observers import (
 )
 from graphlora.quant.packing import pack_4bit, packed_length, unpack_4bit
 from graphlora.quant.qtypes import (
+    DEFAULT_GRIDS,
+    GRIDS,
     NF4_CODEBOOK,
     QType,
     check_qtype_use,
+    default_grid,
     get_qtype,
     is_valid_for,
     qtype_names,
+    resolve_grid,
+    with_grid,
 )
 from graphlora.quant.weight_calibration import calibrate_weight
+from graphlora.quant.seqmse import adaround_quantize, seqmse_quantize
 from graphlora.quant.weight_methods import (
     WeightMethod,
     data_free_method,
@@ -34,6 +40,8 @@ from graphlora.quant.weight_methods import (
 )
 
 __all__ = [
+    "DEFAULT_GRIDS",
+    "GRIDS",
     "NF4_CODEBOOK",
     "PER_BLOCK",
     "PER_CHANNEL",
@@ -51,6 +59,8 @@ __all__ = [
     "check_qtype_use",
     "get_qtype",
     "gptq_quantize",
+    "seqmse_quantize",
+    "adaround_quantize",
     "is_valid_for",
     "make_observer",
     "ops",
@@ -65,4 +75,7 @@ __all__ = [
     "register_weight_method",
     "weight_method",
     "weight_method_names",
+    "default_grid",
+    "resolve_grid",
+    "with_grid",
 ]

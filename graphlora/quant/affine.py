@@ -208,20 +208,24 @@ def affine_params_from_range(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point covering ``[lo, hi]`` (elementwise over parameter tensors).
 
-    Symmetric: ``scale = max(|lo|, |hi|) / qmax_pos`` with the zero point at 0 for signed grids and
-    at the midpoint ``2**(bits-1)`` for unsigned ones (returned as a tensor, since it is not 0).
+    Symmetric, around the zero point ``z`` (0 for signed grids, the midpoint ``2**(bits-1)`` for
+    unsigned ones, returned as a tensor since it is not 0): ``scale = max(-lo / (z - qmin),
+    hi / (qmax - z))``, the smallest scale putting ``lo`` and ``hi`` on the grid. On the full int4
+    grid (-8..7) that is AIMET's ``max(|min| / 8, max / 7)``; on the restricted one (-7..7), or
+    for a range already mirrored (``lo = -hi``), it is ``max(|lo|, |hi|) / 7``.
     Asymmetric: the range is widened to contain 0 (so 0 is exact, which padding and ReLU need),
     ``scale = (hi - lo) / (qmax - qmin)``, ``zero_point = clamp(round(qmin - lo / scale))``.
     """
     lo = _f32(lo)
     hi = _f32(hi)
     if symmetric:
-        absmax = torch.maximum(lo.abs(), hi.abs())
+        # the unsigned midpoint of the full grid: (qmax + 1) // 2 whether qmin is 0 or 1
+        mid = 0 if signed else (qmax + 1) // 2
+        neg = (-lo).clamp_min(0.0) / (mid - qmin)
+        pos = hi.clamp_min(0.0) / (qmax - mid)
+        scale = round_scale_up(torch.maximum(neg, pos), scale_dtype)
         if signed:
-            scale = round_scale_up(absmax / qmax, scale_dtype)
             return scale, None
-        mid = (qmax + qmin + 1) // 2
-        scale = round_scale_up(absmax / (qmax - mid), scale_dtype)
         return scale, torch.full_like(scale, mid, dtype=torch.int32)
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)

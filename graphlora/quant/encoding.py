@@ -31,7 +31,7 @@ from graphlora.quant import affine
 from graphlora.quant import ops as _ops
 from graphlora.quant.memory import bits_per_param, storage_breakdown
 from graphlora.quant.packing import pack_4bit, unpack_4bit
-from graphlora.quant.qtypes import QType, get_qtype
+from graphlora.quant.qtypes import QType, get_qtype, with_grid
 
 PER_TENSOR, PER_CHANNEL, PER_BLOCK = "PER_TENSOR", "PER_CHANNEL", "PER_BLOCK"
 
@@ -172,6 +172,11 @@ class Encoding:
                 self._fail(f"zero_point outside [{q.qmin}, {q.qmax}]")
         elif q.kind == "int" and not q.signed:
             self._fail("unsigned qtypes need a zero point (use 2**(bits-1) for symmetric)")
+        if q.grid == "restricted":
+            mid = (q.qmax + 1) // 2
+            if not self.symmetric or (zp is not None and bool((zp != mid).any())):
+                self._fail("the restricted grid is symmetric: it needs symmetric=True and a zero "
+                           f"point of {0 if q.signed else mid}")
         dq = self.double_quant
         if dq is not None:
             if q.kind != "nf4":
@@ -187,6 +192,11 @@ class Encoding:
         if self.block_size is not None:
             return PER_BLOCK
         return PER_CHANNEL if self.scale.dim() == 1 else PER_TENSOR
+
+    @property
+    def grid(self) -> str:
+        """``"full"`` or ``"restricted"`` (see :data:`graphlora.quant.qtypes.GRIDS`)."""
+        return self.qtype.grid
 
     @property
     def layout_axis(self) -> int:
@@ -310,11 +320,11 @@ class Encoding:
         """AIMET offsets: AIMET dequantizes ``(q_u + offset) * scale`` with ``q_u`` on the unsigned
         grid ``[0, 2**bw - 1]``, so ``offset = qmin - zero_point`` (-128 for symmetric 8-bit)."""
         zp = self.zero_point if self.zero_point is not None else torch.zeros(self.scale.shape)
-        return self.qtype.qmin - zp.to(torch.int64)
+        return self.qtype.full.qmin - zp.to(torch.int64)
 
     def to_dict(self, name: str | None = None) -> dict[str, Any]:
         """A JSON-safe dict in the shape of an AIMET 1.0.0 encoding entry, plus a ``graphlora``
-        key holding what AIMET's format cannot say (qtype, axis, shape, scale dtype, double
+        key holding what AIMET's format cannot say (qtype, grid, axis, shape, scale dtype, double
         quantization) so :meth:`from_dict` round-trips exactly. ``dtype`` is ``"INT"`` or
         ``"FLOAT"`` (fp8) as in AIMET, and ``"NF4"`` — an extension AIMET does not define."""
         q = self.qtype
@@ -333,6 +343,7 @@ class Encoding:
             d["block_size"] = int(self.block_size)
         d["graphlora"] = {
             "qtype": q.name,
+            "grid": q.grid,
             "axis": self.axis,
             "shape": list(self.shape),
             "scale_dtype": _DTYPE_NAMES[self.scale.dtype],
@@ -351,6 +362,8 @@ class Encoding:
             is_sym = bool(d.get("is_sym", True))
             if "qtype" in extra:
                 qtype = get_qtype(extra["qtype"])
+                if extra.get("grid", "full") != "full":
+                    qtype = with_grid(qtype, extra["grid"])
             elif d.get("dtype") == "INT":
                 qtype = get_qtype(("int" if is_sym else "uint") + str(bw))
             else:
@@ -376,7 +389,7 @@ class Encoding:
         scale = flat.reshape(pshape).to(scale_dtype)
         zp = None
         if qtype.kind == "int" and "offset" in d:
-            zp_t = qtype.qmin - torch.tensor(d["offset"], dtype=torch.int64).reshape(pshape)
+            zp_t = qtype.full.qmin - torch.tensor(d["offset"], dtype=torch.int64).reshape(pshape)
             if not (qtype.signed and is_sym and bool((zp_t == 0).all())):
                 zp = zp_t.to(torch.int32)
         dq = extra.get("double_quant")

@@ -29,7 +29,7 @@ import torch
 from graphlora.errors import CalibrationError, QuantizationError
 from graphlora.quant import affine
 from graphlora.quant.encoding import Encoding
-from graphlora.quant.qtypes import QType, check_qtype_use
+from graphlora.quant.qtypes import QType, check_qtype_use, resolve_grid
 from graphlora.quant.weight_calibration import (
     Method,
     build_encoding,
@@ -153,16 +153,20 @@ def gptq_quantize(
     percdamp: float = 0.01,
     lazy_batch: int = 128,
     name: str | None = None,
+    grid: str | None = None,
 ) -> GPTQResult:
     """Quantize a 2-D weight with GPTQ given the Hessian ``H`` (``in x in``) of its inputs.
 
     ``axis`` is the output-channel axis (0 for ``(out, in)``, 1 for ``(in, out)``);
     ``block_size`` gives per-group scales along the input axis (None: per-channel). ``method``
-    picks each channel's/group's range as in :func:`calibrate_weight` (absmax, minmax or mse).
+    picks each channel's/group's range as in :func:`calibrate_weight` (absmax, minmax or mse),
+    ``grid`` its symmetric integer grid (as there).
     Runs on one thread: thousands of tiny ops, where threads only add wake-up costs.
     """
 
     qt = check_qtype_use(qtype, "weight")
+    sym = resolve_symmetric(qt, method, symmetric)
+    qt = resolve_grid(qtype, grid, sym)
     if qt.kind == "float8":
         raise QuantizationError("GPTQ supports integer and nf4 qtypes, not fp8")
     if w.dim() != 2:
@@ -170,7 +174,6 @@ def gptq_quantize(
     check_finite(w, name)
     check_finite(hessian, name, what="Hessian of")
     axis = axis % 2
-    sym = resolve_symmetric(qt, method, symmetric)
     W = affine.to_canonical(w.detach().to(torch.float32), axis).clone()  # (C, K)
     C, K = W.shape
     if tuple(hessian.shape) != (K, K):

@@ -40,7 +40,7 @@ from torch import nn
 
 from graphlora.errors import CalibrationError, QuantizationError
 from graphlora.quant.encoding import Encoding
-from graphlora.quant.qtypes import QType, check_qtype_use
+from graphlora.quant.qtypes import QType, check_qtype_use, get_qtype, resolve_grid
 from graphlora.quant.weight_calibration import params_from_range
 
 _E_MIN = -100  # exponent of an observer that has seen only zeros (R = 2**-100)
@@ -109,11 +109,15 @@ class Observer(nn.Module):
         """The float range ``(lo, hi)`` the encoding for ``qtype`` should cover."""
         raise NotImplementedError  # pragma: no cover
 
-    def compute_encoding(self, qtype: str | QType = "uint8", symmetric: bool = False) -> Encoding:
-        """A per-tensor activation encoding for the observed range."""
-        qt = check_qtype_use(qtype, "activation")
+    def compute_encoding(self, qtype: str | QType = "uint8", symmetric: bool = False,
+                         grid: str | None = None) -> Encoding:
+        """A per-tensor activation encoding for the observed range, on the symmetric grid
+        ``grid`` (see :func:`graphlora.quant.qtypes.resolve_grid`; asymmetric: full range)."""
+        check_qtype_use(qtype, "activation")
+        qt = get_qtype(qtype)
         if symmetric is False and qt.kind != "int":
             raise QuantizationError(f"qtype {qt.name!r} is symmetric only")
+        qt = resolve_grid(qtype, grid, symmetric)
         self._require_data()
         lo, hi = self.compute_range(qt, symmetric)
         scale, zp = params_from_range(torch.tensor(lo), torch.tensor(hi), qt, symmetric,
@@ -147,9 +151,11 @@ class MinMaxObserver(Observer):
     def compute_range(self, qtype: QType, symmetric: bool) -> tuple[float, float]:
         self._require_data()
         lo, hi = float(self.min_val), float(self.max_val)
-        if symmetric:
+        if symmetric and _mirrored(qtype):
             a = max(abs(lo), abs(hi))
             return -a, a
+        if symmetric:
+            return min(lo, 0.0), max(hi, 0.0)
         return lo, hi
 
 
@@ -265,7 +271,10 @@ class HistogramObserver(Observer):
         if symmetric:
             counts, edges = self._folded()
             a = min(self._quantile(counts, edges, p), max(abs(lo_obs), abs(hi_obs)))
-            return -a, a
+            if _mirrored(qtype):
+                return -a, a
+            # the full grid: the observed extent, capped at the percentile of |x|, per side
+            return max(-a, min(lo_obs, 0.0)), min(a, max(hi_obs, 0.0))
         edges = self.bin_edges()
         lo = max(self._quantile(self.hist, edges, 1.0 - p), lo_obs)
         hi = min(self._quantile(self.hist, edges, p), hi_obs)
@@ -279,7 +288,7 @@ class HistogramObserver(Observer):
         counts = self.hist.to(torch.float64)
         keep = counts > 0
         centres, counts = centres[keep], counts[keep]
-        if symmetric:
+        if symmetric and _mirrored(qtype):
             a = max(abs(lo_obs), abs(hi_obs))
             lo0, hi0 = -a, a
         else:
@@ -293,6 +302,12 @@ class HistogramObserver(Observer):
         err = (counts * ((q - z) * s - centres) ** 2).sum(dim=1)  # one per candidate
         best = int(torch.argmin(err))  # first minimum: the widest of equally good ranges
         return float(lo_c[best]), float(hi_c[best])
+
+
+def _mirrored(qtype: QType) -> bool:
+    """Whether a symmetric range is mirrored (``[-a, a]``): on every grid but a full integer one,
+    whose extra negative code makes the sides differ (see ``weight_calibration.group_ranges``)."""
+    return qtype.kind != "int" or qtype.grid != "full"
 
 
 def make_observer(kind: str, name: str | None = None, **kwargs) -> Observer:

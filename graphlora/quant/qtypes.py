@@ -12,7 +12,7 @@ unpacked in ``int8``/``uint8`` and packed two per byte for storage; ``uint16`` c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -20,6 +20,20 @@ import torch
 from graphlora.errors import QuantizationError
 
 Kind = Literal["int", "nf4", "float8"]
+Grid = Literal["full", "restricted"]
+
+#: the symmetric integer grids: ``full`` uses every code of the type (int4: -8..7, AIMET's), its
+#: scale ``max(|min| / 2**(b-1), max / (2**(b-1) - 1))`` so the more negative side may use the extra
+#: code; ``restricted`` drops the most negative code (int4: -7..7) so the grid is mirror-symmetric,
+#: its scale ``max|w| / (2**(b-1) - 1)``. Asymmetric grids (with a zero point) are always full.
+GRIDS: tuple[str, ...] = ("full", "restricted")
+
+#: the grid a symmetric integer encoding gets when nobody names one, per qtype: measured on the
+#: pretrained MiniLM (held-out cosine, ``benchmarks/bench_quant.py``; numbers in docs/qw-lora.md)
+DEFAULT_GRIDS: dict[str, str] = {
+    "int4": "full", "uint4": "full", "int8": "full", "uint8": "full", "int16": "full",
+    "uint16": "full",
+}
 
 # The 16 NormalFloat4 levels of the QLoRA paper (Dettmers et al. 2023, appendix E), exactly as
 # bitsandbytes tabulates them (functional.py ``get_4bit_type("nf4")`` / csrc ``nf4_data``): code i
@@ -51,7 +65,9 @@ class QType:
     ``qmin``/``qmax`` are the integer code range for ``kind == "int"``, the code index range
     (0..15) for ``nf4`` and the largest finite magnitude (±448) for ``fp8_e4m3``. ``signed`` refers
     to the code grid (nf4 codes are unsigned indices even though the values they stand for are
-    signed).
+    signed). ``grid`` is ``"full"`` for the registry's types; :func:`with_grid` gives the
+    ``"restricted"`` variant of an integer type (``qmin`` one higher, same name), which is what
+    quantization clamps to — so every function taking a QType honours the grid it carries.
     """
 
     name: str
@@ -64,6 +80,7 @@ class QType:
     packed: bool
     for_weights: bool
     for_activations: bool
+    grid: Grid = "full"
 
     @property
     def storage_dtype(self) -> torch.dtype:
@@ -77,6 +94,11 @@ class QType:
     @property
     def levels(self) -> int:
         return 2**self.bits
+
+    @property
+    def full(self) -> QType:
+        """The registry's (full-range) type of the same name."""
+        return _REGISTRY[self.name]
 
     def codebook(self) -> torch.Tensor:
         """The float32 codebook of an ``nf4`` qtype (code -> normalised value)."""
@@ -103,6 +125,13 @@ _REGISTRY: dict[str, QType] = {
         QType("nf4", 4, False, 0, 15, "nf4", torch.uint8, True, True, False),
         QType("fp8_e4m3", 8, True, -448, 448, "float8", torch.float8_e4m3fn, False, True, False),
     )
+}
+
+
+# one restricted variant per integer qtype, so `with_grid` always returns the same object
+_RESTRICTED: dict[str, QType] = {
+    q.name: replace(q, qmin=q.qmin + 1, grid="restricted") for q in _REGISTRY.values()
+    if q.kind == "int"
 }
 
 
@@ -142,3 +171,49 @@ def is_valid_for(name: str | QType, use: Literal["weight", "activation"]) -> boo
     if use == "activation":
         return qtype.for_activations
     raise ValueError(f"use must be 'weight' or 'activation', not {use!r}")
+
+
+def with_grid(qtype: str | QType, grid: str) -> QType:
+    """``qtype`` on the symmetric grid ``grid`` (see :data:`GRIDS`). Only integer types have a
+    restricted grid; ``"full"`` is the registry's type itself."""
+    qt = get_qtype(qtype).full
+    if grid == "full":
+        return qt
+    if grid != "restricted":
+        raise QuantizationError(f"unknown grid {grid!r}; grids are: {', '.join(GRIDS)}")
+    if qt.kind != "int":
+        raise QuantizationError(
+            f"qtype {qt.name!r} has no restricted grid (only integer qtypes do; {qt.kind} grids "
+            "are symmetric by construction)")
+    return _RESTRICTED[qt.name]
+
+
+def default_grid(qtype: str | QType) -> str:
+    """The measured default grid of a qtype (``"full"`` for non-integer kinds)."""
+    return DEFAULT_GRIDS.get(get_qtype(qtype).name, "full")
+
+
+def resolve_grid(qtype: str | QType, grid: str | None, symmetric: bool) -> QType:
+    """The QType a calibration quantizes to.
+
+    ``grid`` names the grid; None means: a QType object keeps the grid it carries (so an
+    encoding's qtype reproduces its grid exactly), a qtype *name* gets its default grid. Only
+    symmetric integer encodings have a choice: asymmetric ones (a zero point) always use the
+    full range, and asking for ``"restricted"`` there is an error.
+    """
+    qt = get_qtype(qtype)
+    if grid is None:
+        grid = qt.grid if isinstance(qtype, QType) or not symmetric else default_grid(qt)
+    if grid not in GRIDS:
+        raise QuantizationError(f"unknown grid {grid!r}; grids are: {', '.join(GRIDS)}")
+    if qt.kind != "int":
+        if grid == "restricted":
+            with_grid(qt, grid)  # raises, naming the qtype
+        return qt
+    if not symmetric:
+        if grid == "restricted":
+            raise QuantizationError(
+                f"{qt.name}: the restricted grid is symmetric; an asymmetric encoding (with a "
+                "zero point) always uses the full range")
+        return qt.full
+    return with_grid(qt, grid)

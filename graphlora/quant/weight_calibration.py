@@ -26,7 +26,7 @@ import torch
 from graphlora.errors import QuantizationError
 from graphlora.quant import affine
 from graphlora.quant.encoding import DoubleQuant, Encoding
-from graphlora.quant.qtypes import QType, check_qtype_use
+from graphlora.quant.qtypes import QType, check_qtype_use, get_qtype, resolve_grid
 
 Method = Literal["absmax", "minmax", "mse"]
 
@@ -101,11 +101,19 @@ def qdq(
         torch.float8_e4m3fn).to(torch.float32) * s
 
 
-def group_ranges(xg: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group ``(lo, hi)`` of a ``(C, G, g)`` tensor, shaped ``(C, G)``."""
-    if symmetric:
+def group_ranges(xg: torch.Tensor, symmetric: bool,
+                 qtype: QType | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``(lo, hi)`` of a ``(C, G, g)`` tensor, shaped ``(C, G)``.
+
+    Symmetric ranges are mirrored (``[-max|x|, max|x|]``) except on a full integer grid, whose
+    extra negative code makes the two sides differ: there the range is the group's own
+    ``[min, max]`` (with 0), which gives AIMET's ``max(|min| / 8, max / 7)`` for int4.
+    """
+    if symmetric and (qtype is None or qtype.kind != "int" or qtype.grid != "full"):
         a = xg.abs().amax(dim=-1)
         return -a, a
+    if symmetric:
+        return xg.amin(dim=-1).clamp_max(0.0), xg.amax(dim=-1).clamp_min(0.0)
     return xg.amin(dim=-1), xg.amax(dim=-1)
 
 
@@ -154,8 +162,9 @@ def group_params(
     mse_candidates: int = 100,
     mse_min_ratio: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Parameters ``(C, G)`` for a grouped tensor (shared by RTN calibration and GPTQ)."""
-    lo, hi = group_ranges(xg, symmetric)
+    """Parameters ``(C, G)`` for a grouped tensor (shared by RTN calibration and GPTQ), on the
+    grid ``qtype`` carries (see :func:`graphlora.quant.qtypes.resolve_grid`)."""
+    lo, hi = group_ranges(xg, symmetric, qtype)
     if method == "mse":
         return search_mse(xg, lo, hi, qtype, symmetric, scale_dtype, mse_candidates,
                           mse_min_ratio)
@@ -189,6 +198,7 @@ def calibrate_weight(
     mse_candidates: int = 100,
     mse_min_ratio: float = 0.5,
     name: str | None = None,
+    grid: str | None = None,
 ) -> Encoding:
     """Compute a weight encoding by round-to-nearest calibration.
 
@@ -196,15 +206,19 @@ def calibrate_weight(
     ``Conv1D``'s ``(in, out)``), None for per-tensor. ``block_size`` groups the other (input) axis
     of a 2-D weight. ``symmetric`` defaults to True for ``absmax``, False for ``minmax`` and to the
     qtype's signedness for ``mse``. ``double_quant`` (nf4 only) double-quantizes the absmax values
-    (QLoRA); the returned encoding's ``scale`` is then the dequantized absmax.
+    (QLoRA); the returned encoding's ``scale`` is then the dequantized absmax. ``grid`` picks
+    the symmetric integer grid (``"full"``: all codes, AIMET's; ``"restricted"``: without the
+    most negative one); None keeps the grid of a QType object, or the default grid of a qtype
+    name (:data:`graphlora.quant.qtypes.DEFAULT_GRIDS`).
     """
-    qt = check_qtype_use(qtype, "weight")
+    check_qtype_use(qtype, "weight")
     if method not in ("absmax", "minmax", "mse"):
         raise QuantizationError(
             f"unknown weight calibration method {method!r}; expected absmax, minmax or mse "
             "(GPTQ: graphlora.quant.gptq.gptq_quantize)")
     check_finite(w, name)
-    sym = resolve_symmetric(qt, method, symmetric)
+    sym = resolve_symmetric(get_qtype(qtype), method, symmetric)
+    qt = resolve_grid(qtype, grid, sym)
     if axis is not None:
         axis = axis % w.dim()
     xg = grouped(w, axis, block_size)

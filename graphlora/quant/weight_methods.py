@@ -46,6 +46,10 @@ for _method in (
     WeightMethod("minmax", False, False, "minmax", "asymmetric, range [min w, max w] with a zero point"),
     WeightMethod("mse", False, None, "mse", "the clipped range with the lowest quantization error"),
     WeightMethod("gptq", True, None, "mse", "GPTQ: error compensation from the Hessian of the inputs"),
+    WeightMethod("seqmse", True, None, "mse",
+                 "SeqMSE (AIMET): per channel/block, the clipping of the range with the lowest layer-output error"),
+    WeightMethod("adaround", True, None, "mse",
+                 "AdaRound: learned up/down rounding on mse scales, minimising the layer-output error"),
 ):
     register_weight_method(_method)
 
