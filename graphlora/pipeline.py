@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -13,11 +14,12 @@ from graphlora.errors import InputError, TraceError
 from graphlora.model import LoraModel, model_class
 from graphlora.passes.base import GraphPass, PassPipeline
 from graphlora.passes.insert_lora import InsertLoraPass
+from graphlora.passes.load_checkpoint import LoadCheckpointPass, TensorSource
 from graphlora.passes import quant_passes
 from graphlora.passes.match_rules import MatchRulesPass
 from graphlora.rules import LoraRule, QuantRule, normalize_rules
 from graphlora.sites import tagged_sites
-from graphlora.trace import TraceMethod, structure_copy, trace
+from graphlora.trace import TraceMethod, structure_copy, trace, trace_meta
 from graphlora.validate import check_adapter_name
 
 
@@ -59,8 +61,10 @@ def build_passes(
     progress: bool = True,
     quantize_weights: bool = True,
     autocast_adapter_dtype: bool = True,
+    load: LoadCheckpointPass | None = None,
 ) -> list[GraphPass]:
-    """The default pass list; the quantization passes slot in around the LoRA insertion."""
+    """The default pass list; the quantization passes slot in around the LoRA insertion, and a
+    checkpoint is read (quantizing as it goes) right after the rules are matched."""
     weight_passes = (
         quant_passes.before_lora(
             rules, storage=weight_storage, calibration_data=calibration_data, progress=progress
@@ -70,6 +74,7 @@ def build_passes(
     )
     return [
         MatchRulesPass(rules, strict=strict),
+        *([load] if load is not None else []),
         *weight_passes,
         _InsertRuleLoraPass(adapter, {}, autocast_dtype=autocast_adapter_dtype),
     ]
@@ -90,6 +95,7 @@ def transform(
     progress: bool = True,
     quantize_weights: bool = True,
     autocast_adapter_dtype: bool = True,
+    checkpoint: str | os.PathLike | TensorSource | None = None,
 ) -> LoraModel:
     """Trace ``model``, apply ``rules`` and return a trainable :class:`LoraModel`.
 
@@ -108,7 +114,52 @@ def transform(
     ``autocast_adapter_dtype`` (PEFT's option of that name, default ``True`` as there): LoRA
     factors of a float16/bfloat16 base are float32, the branch reading its input cast up and
     the site's sum cast back to the base's dtype; ``False`` keeps the factors in the base dtype.
+
+    ``checkpoint`` (a transformers safetensors directory, sharded or not, or one file) gives the
+    weights: every tensor of the model's state dict is read from it, tensor by tensor, and a
+    weight the rules quantize is quantized as it is read, so a model built on the ``meta``
+    device is fine-tuned with QLoRA without its float weights ever being in memory
+    (docs/causal-lm.md). A tensor missing from the checkpoint, or of another shape or kind, raises
+    :class:`~graphlora.passes.load_checkpoint.CheckpointMismatchError` naming it and its file.
     """
+    return build_lora_model(
+        model, rules, example_args, example_kwargs, method=method, strict=strict, record=record,
+        adapter_name=adapter_name, weight_storage=weight_storage, calibration_data=calibration_data,
+        progress=progress, quantize_weights=quantize_weights, autocast_adapter_dtype=autocast_adapter_dtype,
+        load=_checkpoint_pass(model, checkpoint, quantize_weights, weight_storage, progress),
+    )
+
+
+def _checkpoint_pass(model: nn.Module, checkpoint, quantize: bool, storage: str, progress: bool) -> LoadCheckpointPass | None:
+    if checkpoint is None:
+        return None
+    from graphlora.meta_buffers import meta_buffer_values
+    from graphlora.io.lazy_safetensors import LazyCheckpoint
+
+    source = LazyCheckpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    return LoadCheckpointPass(source, quantize=quantize, storage=storage,  # type: ignore[arg-type]
+                              compute_buffers=meta_buffer_values(model), progress=progress)
+
+
+def build_lora_model(
+    model: nn.Module,
+    rules: int | QuantRule | Iterable[QuantRule],
+    example_args: tuple = (),
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    method: TraceMethod = "export",
+    strict: bool = False,
+    record: bool = False,
+    adapter_name: str = DEFAULT_ADAPTER,
+    weight_storage: str = "packed",
+    calibration_data: Iterable[Any] | None = None,
+    progress: bool = True,
+    quantize_weights: bool = True,
+    autocast_adapter_dtype: bool = True,
+    load: LoadCheckpointPass | None = None,
+) -> LoraModel:
+    """:func:`transform` with the checkpoint pass given as a pass (``load_quantized`` gives one
+    that leaves the saved codes' weights to it)."""
     rules = normalize_rules(rules)
     if not isinstance(model, nn.Module):
         raise TraceError(f"transform() needs a torch.nn.Module, got {type(model).__name__}")
@@ -120,8 +171,17 @@ def transform(
             "the original nn.Module"
         )
     check_adapter_name(adapter_name, where="adapter_name")
+    if load is None and quantize_weights and any(r.weight_qtype for r in rules) and _on_meta(model):
+        raise InputError(
+            f"{type(model).__name__} has weights on the meta device, so there is nothing to quantize: pass "
+            "checkpoint=<a safetensors checkpoint directory> to read and quantize its weights from there, or "
+            "use graphlora.from_pretrained(directory, rules)"
+        )
     spares: list[fx.GraphModule] = []  # traces of the example's call for other sizes
-    gm = trace(model, example_args, example_kwargs, method=method, spares=spares)
+    if load is not None and method == "export" and _on_meta(model):
+        gm = trace_meta(model, example_args, example_kwargs, device=load.device, spares=spares)
+    else:
+        gm = trace(model, example_args, example_kwargs, method=method, spares=spares)
     passes = build_passes(
         rules,
         strict=strict,
@@ -131,6 +191,7 @@ def transform(
         progress=progress,
         quantize_weights=quantize_weights,
         autocast_adapter_dtype=autocast_adapter_dtype,
+        load=load,
     )
     pipeline = PassPipeline(passes, record=record)
     gm = pipeline(gm)
@@ -153,6 +214,10 @@ def transform(
         p.requires_grad_(True)
     lora_model._record_passes = record
     return lora_model
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers()))
 
 
 def _source_info(model: nn.Module, method: str) -> dict[str, Any]:

@@ -81,8 +81,36 @@ def trace(
 # --------------------------------------------------------------------------- torch.export
 
 
+def trace_meta(
+    model: nn.Module,
+    example_args: tuple = (),
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dynamic: bool = True,
+    spares: list[fx.GraphModule] | None = None,
+) -> fx.GraphModule:
+    """:func:`trace` (export) of a model whose ``meta`` tensors stand for tensors on ``device``.
+
+    Tracing the meta tensors themselves would bake ``device="meta"`` into every tensor the
+    model creates in forward (positions, masks), so they are traced as fake tensors on
+    ``device`` instead; the GraphModule holds those fakes until real values are put in their
+    place (:class:`graphlora.passes.load_checkpoint.LoadCheckpointPass`). Real tensors of the
+    model are traced as they are.
+    """
+    if not isinstance(example_args, tuple):
+        example_args = (example_args,)
+    gm = _trace_export(model, example_args, dict(example_kwargs or {}), dynamic, spares, device=device)
+    gm.meta[meta.TRACE_KEY] = {
+        "method": "export",
+        "model_class": type(model).__module__ + "." + type(model).__qualname__,
+    }
+    return gm
+
+
 def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool,
-                  spares: list[fx.GraphModule] | None = None) -> fx.GraphModule:
+                  spares: list[fx.GraphModule] | None = None,
+                  device: torch.device | str | None = None) -> fx.GraphModule:
     if not args and not kwargs:
         raise TraceError(
             f"tracing {type(model).__name__} with torch.export needs example inputs: pass "
@@ -96,8 +124,9 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool,
     else:  # *args forwards: trace the example as it is given
         bound = {f"*{i}": a for i, a in enumerate(args)} | dict(kwargs)
         form = CallForm(tuple(f"*{i}" for i in range(len(args))), tuple(kwargs))
-    with _eval_mode(model):
-        gm = export_call(model, bound, form, dynamic=dynamic, check_eagerly=True, spares=spares)
+    with _eval_mode(model), _meta_as_fake(model, device) as factory:
+        gm = export_call(model, bound, form, dynamic=dynamic, check_eagerly=factory is None,
+                         factory=factory, spares=spares)
     gm.meta[meta.STATE_KEYS_KEY] = list(model.state_dict().keys())
     return gm
 
@@ -349,6 +378,33 @@ def trace_structure(
         "model_class": type(template).__module__ + "." + type(template).__qualname__,
     }
     return gm
+
+
+@contextlib.contextmanager
+def _meta_as_fake(model: nn.Module, device: torch.device | str | None):
+    """While the block runs, the model's meta tensors are fakes on ``device``; yields the factory
+    of example inputs in the same fake mode (None, and nothing swapped, without meta tensors)."""
+    metas = [t for m in model.modules() for table in (m._parameters, m._buffers) for t in table.values()
+             if t is not None and t.device.type == "meta"]
+    if device is None or not metas:
+        yield None
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes: dict[int, torch.Tensor] = {}
+    with mode:
+        for t in metas:
+            if id(t) not in fakes:
+                fake = torch.empty(t.shape, dtype=t.dtype, device=torch.device(device))
+                fakes[id(t)] = nn.Parameter(fake, requires_grad=False) if isinstance(t, nn.Parameter) else fake
+
+    def factory(shape, dtype, device):
+        with mode:
+            return torch.empty(shape, dtype=dtype, device=device)
+
+    with _swapped_tensors(model, fakes):
+        yield factory
 
 
 @contextlib.contextmanager
