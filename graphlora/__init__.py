@@ -45,6 +45,14 @@ def load_quantized(model, directory, example_args=(), example_kwargs=None, **kwa
     return _load_quantized(model, directory, example_args, example_kwargs, **kwargs)
 
 
+def from_pretrained(directory, rules, example_args=(), example_kwargs=None, **kwargs):
+    """A LoraModel from a transformers checkpoint directory, built on the meta device and
+    quantized tensor by tensor from its safetensors (see :func:`graphlora.pretrained.from_pretrained`)."""
+    from graphlora.pretrained import from_pretrained as _from_pretrained
+
+    return _from_pretrained(directory, rules, example_args, example_kwargs, **kwargs)
+
+
 def load_aimet_encodings(model, path, *, onnx_model=None):
     """Read an AIMET encodings file (0.6.1 / 1.0.0 / 2.0.0) onto a LoraModel, proving each entry's
     layout (see :func:`graphlora.onnx.aimet.load_aimet_encodings`)."""
@@ -100,6 +108,7 @@ __all__ = [
     "read_graph_text",
     "save_graph_text",
     "export_onnx",
+    "from_pretrained",
     "load_adapter",
     "load_aimet_encodings",
     "save_aimet_encodings",

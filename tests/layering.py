@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "graphlora.rules", "graphlora.rules_file", "graphlora.trace", "graphlora.training_mode",
         "graphlora.batches", "graphlora.data", "graphlora.diff", "graphlora.signature",
         "graphlora.block_split", "graphlora.activation_checkpointing", "graphlora.op_kinds",
-        "graphlora.kv_cache",
+        "graphlora.kv_cache", "graphlora.meta_buffers",
     )),
     ("passes", ("graphlora.passes",)),
     ("model", ("graphlora.model", "graphlora.call_graphs", "graphlora.hf_compat", "graphlora.model_contents",
@@ -42,7 +42,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("orchestration", (
         "graphlora.pipeline", "graphlora.checkpoint", "graphlora.calibration", "graphlora.train",
         "graphlora.workflows", "graphlora.distributed", "graphlora.recipes",
-        "graphlora.model_source",
+        "graphlora.model_source", "graphlora.pretrained",
     )),
     ("onnx", ("graphlora.onnx",)),
     ("edges", (

@@ -52,7 +52,9 @@ from graphlora.io.safetensors_io import SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NA
 from graphlora.model import LoraModel
 from graphlora.passes.quantize_weights import QuantizeWeightsPass, install_encoding
 from graphlora.passes.weights import groups_by_weight
-from graphlora.pipeline import transform
+from graphlora.meta_buffers import meta_buffer_values
+from graphlora.passes.load_checkpoint import LoadCheckpointPass, StateDictSource
+from graphlora.pipeline import build_lora_model
 from graphlora.quant import Encoding
 from graphlora.rules import QuantRule
 from graphlora.rules_file import dump_rules, rules_from_data
@@ -195,7 +197,16 @@ def load_quantized(
     entries = _check_config(config, config_path)
     rules = rules_from_data({"rules": config["rules"]}, source=str(config_path))
     state = load_state_dict(root, weights_name=_weights_name(root))
-    lm = transform(model, rules, example_args, example_kwargs, quantize_weights=False, **transform_kwargs)
+    load = None
+    if any(t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers())):
+        # a model built on meta: its float tensors come from the save, the codes' weights are left
+        # to the codes below (they are never float in memory)
+        floats = {k: v for k, v in state.items() if not k.endswith(CODES_SUFFIX)}
+        load = LoadCheckpointPass(StateDictSource(floats, str(root)), quantize=False, skip=frozenset(entries),
+                                  compute_buffers=meta_buffer_values(model),
+                                  progress=transform_kwargs.get("progress", True))
+    lm = build_lora_model(model, rules, example_args, example_kwargs, quantize_weights=False, load=load,
+                          **transform_kwargs)
     gm = lm.graph_module
     groups = groups_by_weight(tagged_sites(gm))
     for name, entry in entries.items():

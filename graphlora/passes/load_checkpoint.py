@@ -33,7 +33,7 @@ from graphlora.passes.quantize_weights import WEIGHT_ROOT, Storage, install_enco
 from graphlora.passes.weights import groups_by_weight
 from graphlora.sites import tagged_sites
 
-__all__ = ["CheckpointMismatchError", "LoadCheckpointPass", "TensorSource"]
+__all__ = ["CheckpointMismatchError", "LoadCheckpointPass", "StateDictSource", "TensorSource"]
 
 
 class CheckpointMismatchError(FileFormatError):
@@ -48,6 +48,21 @@ class TensorSource(Protocol):
     def where(self, key: str) -> str: ...
 
     def read(self, keys: Iterable[str], *, progress: bool = True, desc: str = "loading") -> Iterator[tuple[str, torch.Tensor]]: ...
+
+
+class StateDictSource:
+    """A :class:`TensorSource` over tensors already in memory (a small checkpoint read whole)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], where: str):
+        self.entries = dict(tensors)
+        self._where = where
+
+    def where(self, key: str) -> str:
+        return self._where
+
+    def read(self, keys: Iterable[str], *, progress: bool = True, desc: str = "loading") -> Iterator[tuple[str, torch.Tensor]]:
+        for key in keys:
+            yield key, self.entries[key]
 
 
 @dataclass
@@ -82,11 +97,11 @@ class LoadCheckpointPass(GraphPass):
         computed: list[list[str]] = []
         missing: list[str] = []
         for names in groups:
-            if any(n in self.skip for n in names):
-                continue
             key = next((n for n in names if n in self.source.entries), None)
             if key is not None:
                 plan[key] = names
+            elif any(n in self.skip for n in names):
+                continue
             elif not any(n in state_keys for n in names) and _stand_in(_get(gm, names[0])):
                 computed.append(names)
             elif any(n in state_keys for n in names):
