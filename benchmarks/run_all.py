@@ -55,6 +55,7 @@ def benchmarks() -> dict:
     import bench_lora_train
     import bench_onnx
     import bench_quant
+    import bench_qlora_memory
     import bench_qw_lora
     import bench_trace_8b
 
@@ -69,6 +70,9 @@ def benchmarks() -> dict:
         "onnx": lambda: bench_onnx.run(qwlora_steps=100),
         "grad_checkpointing": bench_grad_checkpointing.run,
         "decode": bench_decode.run,
+        # each configuration in a fresh subprocess; PEFT + bitsandbytes in GRAPHLORA_BNB_PYTHON's venv
+        "qlora_memory": lambda: bench_qlora_memory.run(
+            bnb_python=os.environ.get("GRAPHLORA_BNB_PYTHON", bench_qlora_memory.DEFAULT_BNB_PYTHON)),
     }
 
 
@@ -168,6 +172,20 @@ def render(m: dict, results: dict) -> str:
                        + " | ".join(_f(r[f"{name}_ms_per_token_{c}"], 2) for c in contexts) + " |")
         out += ["", "graphlora LoRA / transformers merged (goal <= 1.0): "
                 + ", ".join(f"context {c} **{_f(r[f'lora_ratio_{c}'], 2)}**" for c in contexts) + ".", ""]
+    r = results.get("qlora_memory")
+    if r and "error" not in r:
+        import bench_qlora_memory
+
+        out += [
+            "## QLoRA peak memory, 1B-parameter Llama from a sharded bf16 checkpoint (TinyLlama's shape)",
+            "",
+            f"NF4 g64 on every block linear, LoRA r16 on q,v, float32 compute; one training step of batch 1 x "
+            f"{r['seq']}; each configuration in a fresh process (`benchmarks/bench_qlora_memory.py`), medians of "
+            f"{r['rounds']} round(s).",
+            "",
+            bench_qlora_memory.table(r),
+            "",
+        ]
     r = results.get("trace_8b")
     if r and "error" not in r:
         out += [

@@ -22,6 +22,7 @@ from graphlora.errors import (
 )
 from graphlora.model import LoraModel, MatchedSite
 from graphlora.pipeline import transform
+from graphlora.pretrained import from_pretrained
 from graphlora.rules import ActivationRule, LoraRule, QuantRule
 from graphlora.io.encodings_file import load_encodings, save_encodings
 from graphlora.trace import trace
@@ -43,14 +44,6 @@ def load_quantized(model, directory, example_args=(), example_kwargs=None, **kwa
     from graphlora.checkpoint import load_quantized as _load_quantized
 
     return _load_quantized(model, directory, example_args, example_kwargs, **kwargs)
-
-
-def from_pretrained(directory, rules, example_args=(), example_kwargs=None, **kwargs):
-    """A LoraModel from a transformers checkpoint directory, built on the meta device and
-    quantized tensor by tensor from its safetensors (see :func:`graphlora.pretrained.from_pretrained`)."""
-    from graphlora.pretrained import from_pretrained as _from_pretrained
-
-    return _from_pretrained(directory, rules, example_args, example_kwargs, **kwargs)
 
 
 def load_aimet_encodings(model, path, *, onnx_model=None):
