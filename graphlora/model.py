@@ -25,6 +25,7 @@ from graphlora.generation import GenerationSupport, merged_for_decoding
 from graphlora.hf_compat import HuggingFaceSurface
 from graphlora.model_contents import MatchedSite, ModelContents
 from graphlora.passes.base import PassPipeline, PassRecord
+from graphlora.passes.recompute_weights import has_quantized_weights, recomputing_copy
 from graphlora.passes.insert_lora import InsertLoraPass, RemoveLoraPass
 from graphlora.passes.merge_lora import MergeLoraPass
 from graphlora.rules import QuantRule
@@ -131,6 +132,9 @@ class LoraModel(ModelContents, HuggingFaceSurface, GenerationSupport, nn.Module)
         policy = self._checkpointing
         if policy is not None and self.training and torch.is_grad_enabled():
             exe = entry.executable(exe, ("checkpointed", id(policy)), policy.wrap)
+        elif self.training and torch.is_grad_enabled() and has_quantized_weights(gm):
+            # dequantized weights remade in backward instead of all kept from forward
+            exe = entry.executable(exe, "recompute_weights", recomputing_copy)
         return exe
 
     def train(self, mode: bool = True) -> "LoraModel":

@@ -196,3 +196,27 @@ def test_load_quantized_into_a_meta_model_equals_into_a_real_model(tmp_path):
         assert torch.equal(lm(ids).logits, meta(ids).logits)
     assert torch.equal(_train_step_grads(real, ids)[next(iter(dict(real.named_lora_parameters())))],
                        _train_step_grads(meta, ids)[next(iter(dict(real.named_lora_parameters())))])
+
+
+def test_a_training_step_remakes_dequantized_weights_in_backward_with_the_same_gradients(monkeypatch):
+    """autograd keeps a recipe, not the float weight, for each dequantized weight; the gradients
+    are those of the graph that keeps the weights (the recompute is the same ops on the same codes)."""
+    import graphlora.model as model_module
+    from graphlora.passes import recompute_weights
+
+    torch.manual_seed(0)
+    lm = graphlora.transform(LlamaForCausalLM(_llama()).eval(), NF4, EXAMPLE, progress=False)
+    with torch.no_grad():
+        for p in lm.lora_parameters():
+            p.add_(0.01)
+    ids = torch.randint(1, 256, (2, 12))
+    remade = []
+    real_pack = recompute_weights._Remake.__init__
+    monkeypatch.setattr(recompute_weights._Remake, "__init__", lambda self, fn: (remade.append(fn), real_pack(self, fn)))
+    recomputed = _train_step_grads(lm, ids)
+    assert len(remade) >= len({s.weight_name for s in lm.sites})  # every quantized weight
+    monkeypatch.setattr(model_module, "has_quantized_weights", lambda gm: False)
+    kept = _train_step_grads(lm, ids)
+    assert recomputed.keys() == kept.keys()
+    for name in kept:
+        assert torch.equal(recomputed[name], kept[name]), name

@@ -9,7 +9,8 @@ shard by shard, with one file open at a time.
 Reading goes through ``safetensors.safe_open`` only: the format holds no code, its header is
 bounded by the parser, and a tensor is read when it is asked for. The pages of the shard being
 read are mapped into the process; a file is reopened after :data:`REMAP_BYTES` of tensor data
-so those pages leave the process's resident set instead of adding up to a whole shard.
+so those pages leave the process's resident set instead of adding up to a whole shard, and
+the memory of each tensor is returned to the system once the caller is done with it.
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ class LazyCheckpoint:
                             handle, mapped = None, 0
                         bar.update(1)
                         yield key, tensor
+                        del tensor
+                        _release_freed_memory()
                 except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
                     raise FileFormatError(f"{file}: cannot read tensor data (truncated or corrupt?): {exc}") from exc
                 finally:
@@ -130,6 +133,29 @@ class LazyCheckpoint:
                         handle.__exit__(None, None, None)
         finally:
             bar.close()
+
+
+def _release_freed_memory() -> None:
+    """Give the memory of the tensor just processed back to the system (glibc's ``malloc_trim``).
+
+    glibc serves allocations of a size it has freed from its heap afterwards, and keeps freed
+    heap memory: a weight read, cast and quantized after another leaves its temporaries behind,
+    and the resident set climbs towards the float model the reader exists to avoid (measured on a
+    1B Llama: 2.6 GiB instead of 1.5 GiB by the last tensor). Elsewhere than glibc, nothing."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def _bar(total: int, desc: str, progress: bool):
