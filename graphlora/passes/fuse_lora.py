@@ -9,7 +9,11 @@ the batch has many tokens. Autograd through that form would compute the full wei
 * ``dB = s dY^T (x A^T)`` and ``dA = s (dY B)^T x`` — the same small GEMMs as before.
 
 Per site that saves two small GEMMs and two elementwise passes over the activations, in forward
-and backward. Like sibling fusion this is an *execution* rewrite, applied to the copy of the graph
+and backward — but building the effective weight is itself a pass over ``in * out`` elements, so
+it pays only for many tokens. A fused site is therefore a call of :func:`lora_linear_or_branch`,
+which decides per call from the rows it is given (:func:`fusion_pays`): a one-token decode step
+runs the canonical graph's own ops, a training batch of thousands of tokens the one GEMM.
+Like sibling fusion this is an *execution* rewrite, applied to the copy of the graph
 :class:`~graphlora.LoraModel` runs, never to the canonical graph. Sites with LoRA dropout are left
 alone (dropout applies to the branch's input only, which the effective weight cannot express),
 and so are mixed-precision branches (float32 factors on a half-precision base), whose base and
@@ -27,6 +31,27 @@ from graphlora.passes.base import GraphPass, PassResult
 aten = torch.ops.aten
 
 
+#: The cost model behind :func:`fusion_pays`, in units of one GEMM multiply-add: a pass over
+#: memory costs far more per element than a GEMM (which reuses each element from cache). Fitted
+#: on one CPU to the per-site timings behind ``benchmarks/bench_fusion.py`` and kept on the
+#: side of not fusing: near the break-even point both forms cost the same, far below it the
+#: effective weight costs up to 9x the branch (one token, 768 x 2048).
+WEIGHT_PASS_COST = 150.0
+ACTIVATION_PASS_COST = 40.0
+
+
+def fusion_pays(rows: int, in_features: int, out_features: int, rank: int) -> bool:
+    """Whether one GEMM with ``W + s B A`` costs less than the base GEMM plus the branch.
+
+    The effective weight costs a rank-``r`` product and a pass over the ``in x out`` weight; the
+    branch costs two thin GEMMs and a pass (scale, add) over the ``rows x out`` output. So the
+    effective weight pays when ``rows`` is large next to ``in * out * (r + Cw) / (r (in + out) + Ca out)``:
+    ~1800 rows for a 768 x 768 projection, ~2000 for 768 x 2048."""
+    saved = rows * (rank * (in_features + out_features) + ACTIVATION_PASS_COST * out_features)
+    spent = in_features * out_features * (rank + WEIGHT_PASS_COST)
+    return saved > spent
+
+
 @torch.library.custom_op("graphlora::lora_linear", mutates_args=())
 def lora_linear(
     x: torch.Tensor,
@@ -39,6 +64,29 @@ def lora_linear(
     """``linear(x, weight, bias) + scale * linear(linear(x, lora_a), lora_b)``, in one GEMM."""
     effective = _effective_weight(weight, lora_a, lora_b, scale)
     return torch.nn.functional.linear(x, effective, bias)
+
+
+LORA_LINEAR = torch.ops.graphlora.lora_linear.default
+
+
+def lora_linear_or_branch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    always: bool = False,
+) -> torch.Tensor:
+    """What a fused site runs: ``graphlora::lora_linear`` where the effective weight pays for this
+    call's rows (:func:`fusion_pays`) or ``always``, else the canonical graph's own ops with
+    autograd's own backward, so a few-token call costs what the canonical graph costs (not even
+    an op dispatch more). A plain function, not an op: the choice is made per call, eagerly."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if always or fusion_pays(rows, weight.shape[1], weight.shape[0], lora_a.shape[0]):
+        return LORA_LINEAR(x, weight, bias, lora_a, lora_b, scale)
+    linear = torch.nn.functional.linear
+    return linear(x, weight, bias) + scale * linear(linear(x, lora_a), lora_b)
 
 
 def _effective_weight(weight, lora_a, lora_b, scale):
@@ -68,8 +116,7 @@ def _backward(ctx, grad):
     x2 = x.reshape(-1, x.shape[-1])
     dx = dbias = da = db = None
     if need_x:
-        effective = _effective_weight(weight, lora_a, lora_b, s)
-        dx = (g2 @ effective).reshape(x.shape)
+        dx = (g2 @ _effective_weight(weight, lora_a, lora_b, s)).reshape(x.shape)
     if need_bias:
         dbias = g2.sum(0)
     if need_b:
@@ -100,7 +147,12 @@ def _fusable(br: LoraBranch) -> bool:
 
 
 class FuseLoraLinearPass(GraphPass):
-    """Replace ``base linear + LoRA branch + add`` by one ``graphlora::lora_linear`` node."""
+    """Replace ``base linear + LoRA branch + add`` by one :func:`lora_linear_or_branch` call
+    (``always``: fused at every size)."""
+
+    def __init__(self, always: bool = False) -> None:
+        super().__init__()
+        self.always = always
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
@@ -112,8 +164,8 @@ class FuseLoraLinearPass(GraphPass):
             bias = base.args[2] if len(base.args) > 2 else None
             with gm.graph.inserting_before(add):
                 fused = gm.graph.call_function(
-                    torch.ops.graphlora.lora_linear.default,
-                    (x, weight, bias, br.a.args[1], br.b.args[1], br.scale.args[1]),
+                    lora_linear_or_branch,
+                    (x, weight, bias, br.a.args[1], br.b.args[1], br.scale.args[1], self.always),
                 )
             fused.meta.update(add.meta)
             add.replace_all_uses_with(fused)
