@@ -199,22 +199,34 @@ def test_load_quantized_into_a_meta_model_equals_into_a_real_model(tmp_path):
 
 
 def test_a_training_step_remakes_dequantized_weights_in_backward_with_the_same_gradients(monkeypatch):
-    """autograd keeps a recipe, not the float weight, for each dequantized weight; the gradients
-    are those of the graph that keeps the weights (the recompute is the same ops on the same codes)."""
+    """autograd keeps a recipe, not the float weight, for each dequantized weight it saves; the
+    gradients are those of the graph that keeps the weights (the same ops on the same codes)."""
     import graphlora.model as model_module
-    from graphlora.passes import recompute_weights
 
     torch.manual_seed(0)
     lm = graphlora.transform(LlamaForCausalLM(_llama()).eval(), NF4, EXAMPLE, progress=False)
     with torch.no_grad():
         for p in lm.lora_parameters():
             p.add_(0.01)
-    ids = torch.randint(1, 256, (2, 12))
-    remade = []
-    real_pack = recompute_weights._Remake.__init__
-    monkeypatch.setattr(recompute_weights._Remake, "__init__", lambda self, fn: (remade.append(fn), real_pack(self, fn)))
+    ids = torch.randint(1, 256, (2, 12))  # 24 rows: no activation has a weight's shape
+    shapes = {(s.out_features, s.in_features) for s in lm.sites}
+    shapes |= {(b, a) for a, b in shapes}
+    saved = []  # (is a weight's shape, kept as a recipe)
+    hooks = torch.autograd.graph.saved_tensors_hooks
+
+    class Watching(hooks):
+        def __init__(self, pack, unpack):
+            def watch(t):
+                packed = pack(t)
+                saved.append((tuple(t.shape) in shapes, not isinstance(packed, torch.Tensor)))
+                return packed
+
+            super().__init__(watch, unpack)
+
+    monkeypatch.setattr(torch.autograd.graph, "saved_tensors_hooks", Watching)
     recomputed = _train_step_grads(lm, ids)
-    assert len(remade) >= len({s.weight_name for s in lm.sites})  # every quantized weight
+    weights = [recipe for weight_shaped, recipe in saved if weight_shaped]
+    assert len(weights) >= 8 and all(weights)  # every dequantized weight autograd saves is remade
     monkeypatch.setattr(model_module, "has_quantized_weights", lambda gm: False)
     kept = _train_step_grads(lm, ids)
     assert recomputed.keys() == kept.keys()

@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from graphlora import meta
 from graphlora.passes.base import GraphPass, PassResult
+from graphlora.passes.recompute_weights import weight_cat
 from graphlora.passes.fuse_lora import (
     ACTIVATION_PASS_COST,
     LORA_LINEAR,
@@ -65,7 +66,7 @@ def sibling_linears(x: torch.Tensor, weights: list, biases: list | None, always:
     sizes = [w.shape[0] for w in weights]
     if always or siblings_pay(_rows_of(x), x.shape[-1], sizes):
         bias = torch.cat(biases) if biases is not None else None
-        return torch.nn.functional.linear(x, torch.cat(weights), bias).split(sizes, -1)
+        return torch.nn.functional.linear(x, weight_cat(weights), bias).split(sizes, -1)
     linear = torch.nn.functional.linear
     return tuple(linear(x, w, None if biases is None else b) for w, b in zip(weights, biases or weights))
 
@@ -81,7 +82,7 @@ def sibling_lora_linears(x: torch.Tensor, weights: list, biases: list | None, lo
     if always or siblings_pay(_rows_of(x), x.shape[-1], sizes, rank):
         bias = torch.cat(biases) if biases is not None else None
         block = torch.block_diag(*(b * s for b, s in zip(lora_bs, scales)))
-        fused = LORA_LINEAR(x, torch.cat(weights), bias, torch.cat(lora_as), block, 1.0)
+        fused = LORA_LINEAR(x, weight_cat(weights), bias, torch.cat(lora_as), block, 1.0)
         return fused.split(sizes, -1)
     return tuple(lora_linear_or_branch(x, w, None if biases is None else bias, a, b, s, always)
                  for w, bias, a, b, s in zip(weights, biases or weights, lora_as, lora_bs, scales))

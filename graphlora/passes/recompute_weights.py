@@ -9,6 +9,7 @@ for any graph, as an execution rewrite:
 * :func:`recomputing_copy` runs ``gm``'s graph with every node that computes a weight from the
   frozen quantized storage alone (the dequantize node, and what is made of it: casts, transposes,
   the concatenation of sibling weights) called through :class:`_Recorded`;
+* fused execution concatenates sibling weights with :data:`weight_cat`, which records the same way;
 * :func:`recompute_saved_weights` is the context the forward runs in: while it is active, those
   calls note how to remake their output, and a ``saved_tensors_hooks`` pack hook stores such a
   recipe instead of a tensor autograd saves from them (a view is remade as the same view).
@@ -29,7 +30,7 @@ import torch.fx as fx
 
 from graphlora import meta
 
-__all__ = ["has_quantized_weights", "recompute_saved_weights", "recomputing_copy"]
+__all__ = ["has_quantized_weights", "recompute_saved_weights", "recomputing_copy", "weight_cat"]
 
 _ACTIVE: list[dict[int, tuple[Any, Callable[[], torch.Tensor]]]] = []
 
@@ -58,6 +59,11 @@ class _Recorded:
 
             registry[_key(out)] = (weakref.ref(out), remake)
         return out
+
+
+#: ``torch.cat`` of weights (the sibling fusion's concatenated q/k/v or gate/up weight), remade in
+#: backward from its parts like a graph node's output.
+weight_cat = _Recorded(torch.cat, "weight_cat")
 
 
 class _Remake:
