@@ -43,6 +43,11 @@ class FileFormatError(AdapterError):
     """A file graphlora reads is truncated, corrupt or of an unexpected format."""
 
 
+class CheckpointMismatchError(FileFormatError):
+    """A checkpoint that does not fit the model it is read into: a tensor missing, or of another
+    shape or kind (the message names the tensor and the file)."""
+
+
 class UnsafeFileError(FileFormatError):
     """Reading this file would run code (it is, or contains, a Python pickle); graphlora refuses
     unless the caller opts in with ``allow_pickle=True`` (see docs/security.md)."""

@@ -120,7 +120,7 @@ def transform(
     weight the rules quantize is quantized as it is read, so a model built on the ``meta``
     device is fine-tuned with QLoRA without its float weights ever being in memory
     (docs/causal-lm.md). A tensor missing from the checkpoint, or of another shape or kind, raises
-    :class:`~graphlora.passes.load_checkpoint.CheckpointMismatchError` naming it and its file.
+    :class:`~graphlora.errors.CheckpointMismatchError` naming it and its file.
     """
     return build_lora_model(
         model, rules, example_args, example_kwargs, method=method, strict=strict, record=record,

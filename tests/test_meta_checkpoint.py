@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 
 import graphlora
 from graphlora import LoraRule
-from graphlora.passes.load_checkpoint import CheckpointMismatchError
+from graphlora.errors import CheckpointMismatchError
 
 pytestmark = pytest.mark.slow
 

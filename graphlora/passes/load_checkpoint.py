@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphlora import meta
-from graphlora.errors import FileFormatError, GraphloraWarning, PassError, first_few
+from graphlora.errors import CheckpointMismatchError, GraphloraWarning, PassError, first_few
 from graphlora.graph_utils import is_own, set_tensor
 from graphlora.passes.base import GraphPass, PassResult
 from graphlora.passes.quantize_weights import WEIGHT_ROOT, Storage, install_encoding, rule_encoding
@@ -34,10 +34,6 @@ from graphlora.passes.weights import groups_by_weight
 from graphlora.sites import tagged_sites
 
 __all__ = ["CheckpointMismatchError", "LoadCheckpointPass", "StateDictSource", "TensorSource"]
-
-
-class CheckpointMismatchError(FileFormatError):
-    """A checkpoint that does not fit the model: a tensor missing, or of another shape or dtype."""
 
 
 class TensorSource(Protocol):
