@@ -76,6 +76,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic_shapes: Any = None,
     external_data: bool | None = None,
+    lora_rank: int | Mapping[str, int] | None = None,
 ) -> OnnxExport:
     """Export a :class:`~graphlora.LoraModel` (or a graphlora GraphModule) to ONNX at ``path``.
 
@@ -83,6 +84,9 @@ def export_onnx(
     ``"branch"`` (quantized base plus the LoRA branch as its own small MatMuls) or ``"inputs"``
     (LoRA weights as named graph inputs initialised with the active adapter, switchable at run
     time with onnxruntime adapters; see :func:`graphlora.onnx.write_adapter`).
+    ``lora_rank`` (``inputs`` only): the rank each site's inputs are exported at, an int for every
+    site or a mapping module path -> rank; by default the largest rank any adapter of the model
+    has there. Adapters of lower rank are zero-padded to it (exact), higher ones refused.
     ``dynamic_shapes`` follows ``torch.export``; by default every input dimension except the
     feature dimension of float inputs is dynamic and the first two are named ``batch`` and
     ``sequence``. ``external_data``: None = only when the model exceeds protobuf's 2 GB limit.
@@ -105,7 +109,10 @@ def export_onnx(
 
     from graphlora.onnx.lowering import required_opset
 
-    prepared = prepare(gm, lora, record=_records(model))
+    from graphlora.onnx.adapters import exported_ranks
+
+    ranks = exported_ranks(model, lora_rank) if lora == "inputs" else None
+    prepared = prepare(gm, lora, record=_records(model), lora_ranks=ranks)
     too_new = [(where, need) for where, need in required_opset(prepared.graph_module) if need > opset]
     if too_new:
         where, need = too_new[0]
@@ -121,6 +128,10 @@ def export_onnx(
     from graphlora.onnx.lowering import lower_model
 
     report = lower_model(onnx_model, opset=opset)
+    if lora == "inputs":
+        from graphlora.onnx.adapters import free_rank_dims
+
+        free_rank_dims(onnx_model, prepared.lora_inputs)
     if report.unfused:
         from graphlora.errors import GraphloraWarning
 
@@ -373,7 +384,7 @@ def _finalise(model, opset: int, lora: str, prepared) -> None:
         model.metadata_props["graphlora.adapter"] = prepared.adapter
     if prepared.lora_inputs:
         model.metadata_props["graphlora.lora_inputs"] = json.dumps(
-            [{"name": i.name, "module_path": i.module_path, "which": i.which}
+            [{"name": i.name, "module_path": i.module_path, "which": i.which, "shape": list(i.shape)}
              for i in prepared.lora_inputs]
         )
 
