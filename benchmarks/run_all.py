@@ -50,6 +50,7 @@ def machine() -> dict:
 
 def benchmarks() -> dict:
     import bench_decode
+    import bench_decoder_onnx
     import bench_gptq_depth
     import bench_grad_checkpointing
     import bench_lora_train
@@ -69,6 +70,7 @@ def benchmarks() -> dict:
         "onnx": lambda: bench_onnx.run(qwlora_steps=100),
         "grad_checkpointing": bench_grad_checkpointing.run,
         "decode": bench_decode.run,
+        "decoder_onnx": bench_decoder_onnx.run,
     }
 
 
@@ -217,6 +219,9 @@ def render(m: dict, results: dict) -> str:
         out += ["## ONNX export vs onnxruntime's own quantization tools (MiniLM, batch 8 x 64)", ""]
         out += r.get("markdown", ["```", json.dumps(r, indent=2), "```"])
         out.append("")
+    r = results.get("decoder_onnx")
+    if r and "error" not in r:
+        out += render_decoder_onnx(r)
     errors = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
     if errors:
         out += ["## Benchmarks that failed in this run", ""]
@@ -261,6 +266,27 @@ def render_gptq_depth(r: dict) -> list[str]:
             out.append(f"| graphlora, wave schedule (GPTQ pass, once) | {_f(p['graphlora_waves_gptq_pass_s'], 1)} | "
                        f"{_f(p['graphlora_waves_cosine'], 4)} |")
         out.append("")
+    return out
+
+
+def render_decoder_onnx(r: dict) -> list[str]:
+    """KV-cache decoder export vs the full-recompute export (bench_decoder_onnx.py)."""
+    out = [
+        f"## ONNX decoder with a KV cache vs full recompute (Llama {r['layers']} layers x {r['hidden']}, "
+        f"vocab {r['vocab']}, {r['params'] / 1e6:.1f}M parameters, random weights)",
+        "",
+        "int4 g32 base on q/v_proj with LoRA r8 as a branch; plain onnxruntime, 1 thread, accuracy level 0; "
+        "batch 1; medians of interleaved rounds. `python benchmarks/bench_decoder_onnx.py`.",
+        "",
+        "| context | KV-cache decoder ms/token | full recompute ms/token | ratio full / cache | prefill ms |",
+        "|---|---|---|---|---|",
+    ]
+    for ctx in (32, 256):
+        out.append(f"| {ctx} | **{_f(r[f'cache_ms_token@{ctx}'], 2)}** | {_f(r[f'full_ms_token@{ctx}'], 2)} | "
+                   f"{_f(r[f'full_over_cache@{ctx}'], 1)} | {_f(r[f'prefill_ms@{ctx}'], 1)} |")
+    out += ["", f"File size: {_f(r['size_mb_cache'], 1)} MB (decoder) vs {_f(r['size_mb_full'], 1)} MB (plain export). "
+            f"Greedy tokens (3 prompts x 24) equal to the LoraModel's `generate()`: {r['greedy_rows_equal']}. "
+            "The onnxruntime-genai model builder comparison is not measured yet.", ""]
     return out
 
 
