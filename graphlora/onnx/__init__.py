@@ -37,6 +37,8 @@ _EXPORTS = {
     "op_counts": "graphlora.onnx.optimized",
     "LORA_MODES": "graphlora.onnx.prepare",
     "generate": "graphlora.onnx.greedy",
+    "write_genai": "graphlora.onnx.genai",
+    "genai_config": "graphlora.onnx.genai",
     "conform": "graphlora.onnx.adapters",
 }
 
@@ -53,6 +55,7 @@ __all__ = [
     "export_onnx",
     "float_fallbacks",
     "generate",
+    "genai_config",
     "load_adapter",
     "lower_model",
     "op_counts",
@@ -61,6 +64,7 @@ __all__ = [
     "read_adapter",
     "save_model",
     "write_adapter",
+    "write_genai",
 ]
 
 
