@@ -51,7 +51,7 @@ def llama_inputs(tmp_path_factory):
     randomize_lora(lm, seed=2)
     lm.set_adapter("default")
     path = tmp_path_factory.mktemp("multi") / "m.onnx"
-    export = export_onnx(lm, path, (), {"input_ids": x}, lora="inputs")
+    export = export_onnx(lm, path, (), {"input_ids": x}, lora="inputs", kv_cache=False)
     return base, lm, path, export
 
 
@@ -123,9 +123,9 @@ def test_lora_rank_option_and_default_max_rank(tmp_path):
     lm = graphlora.transform(base, graphlora.LoraRule(r".*q_proj", rank=2), (), {"input_ids": x})
     randomize_lora(lm, seed=5)
     lm.add_adapter("wide", {p: graphlora.LoraSpec(rank=6, alpha=6.0) for p in lm.adapters["default"]})
-    default = export_onnx(lm, tmp_path / "d.onnx", (), {"input_ids": x}, lora="inputs")
+    default = export_onnx(lm, tmp_path / "d.onnx", (), {"input_ids": x}, lora="inputs", kv_cache=False)
     assert {i.shape for i in default.lora_inputs} == {(64, 6), (6, 64)}  # the widest adapter's rank
-    fixed = export_onnx(lm, tmp_path / "f.onnx", (), {"input_ids": x}, lora="inputs", lora_rank=8)
+    fixed = export_onnx(lm, tmp_path / "f.onnx", (), {"input_ids": x}, lora="inputs", lora_rank=8, kv_cache=False)
     assert {i.shape for i in fixed.lora_inputs} == {(64, 8), (8, 64)}
     got = InferenceSession(fixed.path, "cpu").run(None, {"input_ids": x.numpy()})[0]
     assert rel_err(got, merged_reference(lm, base, "default", x)) < 1e-4
