@@ -51,6 +51,7 @@ def machine() -> dict:
 def benchmarks() -> dict:
     import bench_decode
     import bench_decoder_onnx
+    import bench_fusion
     import bench_gptq_depth
     import bench_grad_checkpointing
     import bench_lora_train
@@ -71,6 +72,7 @@ def benchmarks() -> dict:
         "grad_checkpointing": bench_grad_checkpointing.run,
         "decode": bench_decode.run,
         "decoder_onnx": bench_decoder_onnx.run,
+        "fusion": bench_fusion.run,
     }
 
 
@@ -170,6 +172,26 @@ def render(m: dict, results: dict) -> str:
                        + " | ".join(_f(r[f"{name}_ms_per_token_{c}"], 2) for c in contexts) + " |")
         out += ["", "graphlora LoRA / transformers merged (goal <= 1.0): "
                 + ", ".join(f"context {c} **{_f(r[f'lora_ratio_{c}'], 2)}**" for c in contexts) + ".", ""]
+    r = results.get("fusion")
+    if r and "error" not in r:
+        out += [
+            f"## Execution fusion vs the canonical graph ({r['shape']})",
+            "",
+            "`fused_execution=True` (each fused site and sibling group picks its form per call from the",
+            "tokens it is given) against `False` (the canonical graph op for op), the same LoraModel",
+            "switched between the two; eval forward under `no_grad` and a training step (forward +",
+            f"backward); medians of at least {r['rounds']} interleaved rounds (more for cheap sizes). Goal: ratio <= 1.0 at every size.",
+            "",
+            "| batch x tokens | forward fused ms | forward canonical ms | ratio | step fused ms | step canonical ms | ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for size, row in r["forward"].items():
+            step = r["train"].get(size)
+            cells = [_f(row["fused_ms"], 1), _f(row["canonical_ms"], 1), f"**{_f(row['ratio'], 2)}**"]
+            cells += ([_f(step["fused_ms"], 1), _f(step["canonical_ms"], 1), f"**{_f(step['ratio'], 2)}**"]
+                      if step else ["", "", ""])
+            out.append(f"| {size.replace('x', ' x ')} | " + " | ".join(cells) + " |")
+        out.append("")
     r = results.get("trace_8b")
     if r and "error" not in r:
         out += [
