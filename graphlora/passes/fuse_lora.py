@@ -33,10 +33,11 @@ aten = torch.ops.aten
 
 #: The cost model behind :func:`fusion_pays`, in units of one GEMM multiply-add: a pass over
 #: memory costs far more per element than a GEMM (which reuses each element from cache). Fitted
-#: on one CPU to the per-site timings behind ``benchmarks/bench_fusion.py`` and kept on the
-#: side of not fusing: near the break-even point both forms cost the same, far below it the
-#: effective weight costs up to 9x the branch (one token, 768 x 2048).
-WEIGHT_PASS_COST = 150.0
+#: on one CPU to ``benchmarks/bench_fusion.py`` and kept on the side of not fusing: near the
+#: break-even point both forms cost the same, far below it the effective weight costs up to 9x
+#: the branch (one token, 768 x 2048). With 150 a 4 x 512-token forward fused its 768 x 768
+#: sites and ran 1.045x the canonical graph; 250 moves that break-even to ~2800 rows.
+WEIGHT_PASS_COST = 250.0
 ACTIVATION_PASS_COST = 40.0
 
 
@@ -46,7 +47,7 @@ def fusion_pays(rows: int, in_features: int, out_features: int, rank: int) -> bo
     The effective weight costs a rank-``r`` product and a pass over the ``in x out`` weight; the
     branch costs two thin GEMMs and a pass (scale, add) over the ``rows x out`` output. So the
     effective weight pays when ``rows`` is large next to ``in * out * (r + Cw) / (r (in + out) + Ca out)``:
-    ~1800 rows for a 768 x 768 projection, ~2000 for 768 x 2048."""
+    ~2800 rows for a 768 x 768 projection, ~3300 for 768 x 2048, ~5500 for 2048 x 768 (r = 16)."""
     saved = rows * (rank * (in_features + out_features) + ACTIVATION_PASS_COST * out_features)
     spent = in_features * out_features * (rank + WEIGHT_PASS_COST)
     return saved > spent
