@@ -146,18 +146,19 @@ def test_every_spelling_fuses():
     _assert_fused_matches_canonical(lm, x)
 
 
-def test_packed_int4_conv1d_base_fuses_and_reads_its_codes():
+def test_packed_int4_conv1d_base_runs_unfused_and_reads_its_codes():
+    """A quantized base is dequantized per call; fusing it would add a pass over that weight
+    (effective weight, sibling concatenation) per call, so its sites run as the canonical graph."""
     x = ids(3, 9)
     rules = [LoraRule(GPT2_TARGETS, rank=2, alpha=3.0, weight_qtype="int4", group_size=16)]
     lm = graphlora.transform(tiny_gpt2(), rules, (x,), {"use_cache": False})
     _randomize_lora(lm)
     assert "h.0.attn.c_attn.weight" not in dict(lm.graph_module.named_parameters())  # packed codes only
     fused = lm._executable()
-    assert _targets(fused).count(LORA_LINEAR) == 8
+    assert _targets(fused).count(LORA_LINEAR) == 0
     for node in fused.graph.nodes:
-        if node.target == LORA_LINEAR:  # the base weight is the (in, out) dequantized codes, transposed
-            weight = node.args[1]
-            assert weight.target == aten.t.default and graphlora.meta.role(weight.args[0]) == "dequant"
+        if node.target == aten.cat.default:  # no dequantized weight is concatenated with a sibling
+            assert not any(graphlora.meta.role(a) == "dequant" for a in node.args[0])
     _assert_fused_matches_canonical(lm, x)
     with torch.no_grad(), lm.disable_adapter():  # and the fused base is the quantized base
         fused_base = lm(x).last_hidden_state
@@ -165,12 +166,12 @@ def test_packed_int4_conv1d_base_fuses_and_reads_its_codes():
             torch.testing.assert_close(fused_base, lm(x).last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_int4_transposed_weight_fuses():
+def test_packed_int4_transposed_weight_runs_unfused():
     x = torch.randn(2, 3, 8)
     rules = [LoraRule(".*", rank=2, alpha=3.0, weight_qtype="int4", group_size=4)]
     lm = graphlora.transform(AllSpellings().eval(), rules, (x,))
     _randomize_lora(lm)
-    assert _targets(lm._executable()).count(LORA_LINEAR) == 6
+    assert _targets(lm._executable()).count(LORA_LINEAR) == 0
     _assert_fused_matches_canonical(lm, x)
 
 

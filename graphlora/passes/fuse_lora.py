@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from graphlora import meta
 from graphlora.branches import LoraBranch, find_branches
 from graphlora.passes.base import GraphPass, PassResult
 
@@ -82,6 +83,25 @@ def _backward(ctx, grad):
 lora_linear.register_autograd(_backward, setup_context=_setup)
 
 
+def reads_dequantized(weight) -> bool:
+    """Whether a linear's weight operand is rebuilt from quantized codes on every call (a
+    ``graphlora::dequantize*`` node, possibly behind a transpose or cast). Fusing such a site
+    would add a full pass over the freshly dequantized weight per call (the effective weight
+    ``W + s B A``, or the concatenation of siblings) on top of the GEMM it feeds, which at decode
+    sizes costs as much as the GEMM: quantized sites run unfused."""
+    node = weight
+    for _ in range(4):
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return False
+        if meta.role(node) == "dequant":
+            return True
+        inputs = node.all_input_nodes
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return False
+
+
 def _fusable(br: LoraBranch) -> bool:
     """A standard branch straight on an ``aten.linear`` site: nothing between its ops (no dropout,
     no quantizer), it alone reads the site's output, and it reads the site's own input."""
@@ -96,6 +116,8 @@ def _fusable(br: LoraBranch) -> bool:
         return False
     if a.args[0] is not base.args[0]:
         return False  # quantization on the branch input
+    if reads_dequantized(base.args[1]):
+        return False
     return all(len(n.users) == 1 for n in (a, scale, b, base))
 
 

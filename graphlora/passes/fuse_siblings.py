@@ -23,6 +23,7 @@ import torch.fx as fx
 
 from graphlora import meta
 from graphlora.passes import fuse_lora  # noqa: F401  (registers graphlora::lora_linear)
+from graphlora.passes.fuse_lora import reads_dequantized
 from graphlora.passes.base import GraphPass, PassResult
 
 aten = torch.ops.aten
@@ -51,7 +52,7 @@ class FuseSiblingLinearsPass(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         groups: dict[tuple, list[fx.Node]] = defaultdict(list)
         for node in gm.graph.nodes:
-            if not _plain_linear(node) or _weight_rows(node) is None:
+            if not _plain_linear(node) or _weight_rows(node) is None or reads_dequantized(node.args[1]):
                 continue
             has_bias = len(node.args) > 2 and node.args[2] is not None
             kind = "lora" if meta.role(node) == "lora_a" else "base"
