@@ -12,7 +12,9 @@ branches, quantized weights, gated adapters), so each new token costs one token 
 They run unfused, and in eval mode under ``no_grad`` (as ``generate`` runs) with the active
 adapters merged into their weights once per change of the LoRA weights
 (:func:`merged_for_decoding`): a decoded token costs what it costs the merged model. A quantized
-base and a mixed-adapter batch keep their branches.
+base keeps its branches and dequantizes per token unless ``cache_dequantized_weights`` is on
+(then it is dequantized and merged once, like a float base); a mixed-adapter batch keeps its
+branches.
 
 ``adapter_names=[...]`` (one adapter per prompt, ``"__base__"`` for none) generates each row with
 its own adapter, as PEFT's mixed-adapter ``generate``.
