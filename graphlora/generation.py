@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from graphlora.errors import InputError
 
-__all__ = ["GenerationSupport", "generation_mixin"]
+__all__ = ["GenerationSupport", "full_attention_layers", "generation_mixin"]
 
 
 def generation_mixin(cls: type) -> type | None:
@@ -77,6 +77,20 @@ class GenerationSupport:
         finally:
             self.__dict__.pop("_generation_adapters", None)
 
+    def _prepare_static_cache(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' static cache for ``generate``, with every sliding-window layer made a full
+        static layer of the same length.
+
+        A sliding-window layer counts the tokens it holds in a Python int and rolls its tensors
+        once full, which a traced decode graph cannot follow. A full-length layer gives the same
+        attention: the model masks a sliding layer's keys by absolute position (the config's
+        ``sliding_window``), not by what the cache keeps, so the extra keys are masked out. The
+        cost is memory: ``max_cache_len`` keys per sliding layer instead of the window. Caches the
+        caller builds are left as they are (and refused if sliding: :mod:`graphlora.kv_cache`)."""
+        cache = super()._prepare_static_cache(*args, **kwargs)
+        asked = kwargs.get("max_cache_len", args[2] if len(args) > 2 else 0)
+        return full_attention_layers(cache, max(asked, getattr(self, "_previous_max_cache_length", 0)))
+
     def _generation_call(self, kwargs: dict) -> dict:
         """A call made by ``generate``: the adapters of its rows (``num_return_sequences`` and
         beams repeat each prompt's row, so its adapter name too)."""
@@ -88,6 +102,22 @@ class GenerationSupport:
         if rows != len(names) and len(names) and rows % len(names) == 0:
             names = [n for n in names for _ in range(rows // len(names))]
         return {**kwargs, "adapter_names": list(names)}
+
+
+def full_attention_layers(cache: Any, length: int) -> Any:
+    """``cache`` with each sliding-window (or chunked) static layer replaced by a full static layer
+    of ``length`` tokens, or the longest layer's if longer (see
+    ``GenerationSupport._prepare_static_cache``)."""
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # an encoder-decoder cache or another kind: left to the cache checks
+        return cache
+    length = max([length] + [getattr(layer, "max_cache_len", 0) for layer in layers])
+    for i, layer in enumerate(layers):
+        if type(layer) is StaticSlidingWindowLayer and not getattr(layer, "is_initialized", False):
+            layers[i] = StaticLayer(max_cache_len=length)
+    return cache
 
 
 def merged_for_decoding(model: Any, entry: Any, gm: Any) -> Any:

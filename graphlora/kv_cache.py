@@ -107,8 +107,9 @@ def layout_of(cache: Any, config: Any, dtype: torch.dtype, device: torch.device,
     if sliding:
         raise InputError(
             f"past_key_values has sliding-window layers ({', '.join(sliding)}), which count tokens in a "
-            "Python int that a traced graph cannot update: generating with a sliding-window cache is not "
-            "supported (a config with sliding_window=None gives full-attention layers)"
+            "Python int that a traced graph cannot update. LoraModel.generate() builds its own cache with "
+            "full-length layers for a sliding-window model (the same tokens: the model masks by position); "
+            "pass no past_key_values, or graphlora.generation.full_attention_layers(cache, max_cache_len)"
         )
     if not all(getattr(layer, "is_initialized", False) for layer in layers):
         heads, head_dim = _attention_shape(config)

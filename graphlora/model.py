@@ -108,8 +108,10 @@ class LoraModel(ModelContents, HuggingFaceSurface, GenerationSupport, nn.Module)
         With ``fused_execution`` (the default) a linear site and its LoRA branch run as one
         ``graphlora::lora_linear`` op with a low-rank backward (:mod:`graphlora.passes.fuse_lora`),
         and linear ops that read the same input — query, key and value — as one GEMM
-        (:mod:`graphlora.passes.fuse_siblings`). The result equals the canonical graph's up to
-        float summation order. The fused copy shares every tensor and submodule with the graph
+        (:mod:`graphlora.passes.fuse_siblings`) — each where the call's token count pays for
+        building the effective or concatenated weight (a one-token step runs op for op, a batch
+        of thousands of tokens fused); ``fused_execution="always"`` fuses whatever the size. The
+        result equals the canonical graph's up to float summation order. The fused copy shares every tensor and submodule with the graph
         and is rebuilt whenever that graph is recompiled, so the graph stays what passes,
         ``graph_text``, saving and export see. With activation checkpointing enabled
         (:meth:`activation_checkpointing_enable`) a training forward runs block by block,
@@ -132,7 +134,10 @@ class LoraModel(ModelContents, HuggingFaceSurface, GenerationSupport, nn.Module)
         if self.fused_execution:
             from graphlora.passes.fuse_siblings import fused_copy
 
-            exe = entry.executable(gm, "fused", fused_copy)
+            if self.fused_execution == "always":
+                exe = entry.executable(gm, "fused_always", lambda g: fused_copy(g, always=True))
+            else:
+                exe = entry.executable(gm, "fused", fused_copy)
         policy = self._checkpointing
         if policy is not None and self.training and torch.is_grad_enabled():
             exe = entry.executable(exe, ("checkpointed", id(policy)), policy.wrap)

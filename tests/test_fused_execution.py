@@ -8,6 +8,7 @@ function up to float summation order, trains only the LoRA weights, and leaves t
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -15,6 +16,7 @@ import graphlora
 from graphlora import LoraRule
 from graphlora.diff import graph_text
 from graphlora.passes import fuse_lora  # noqa: F401  (registers graphlora::lora_linear)
+from graphlora.passes.fuse_siblings import sibling_linears, sibling_lora_linears
 from toy_models import AllSpellings, canonical_execution, ids, tiny_gpt2
 
 aten = torch.ops.aten
@@ -63,18 +65,22 @@ def _assert_close_to_scale(got: torch.Tensor, ref: torch.Tensor, rel: float, wha
 
 def _assert_fused_matches_canonical(lm, *args, **kwargs) -> None:
     """Same output and LoRA gradients from the fused copy as from the canonical graph, up to
-    float summation order."""
-    fused = _output(lm(*args, **kwargs))
-    fused.pow(2).sum().backward()
-    grads = {k: p.grad.clone() for k, p in lm.named_lora_parameters()}
-    lm.zero_grad()
+    float summation order: with the size-dependent choice (these tiny calls run op for op) and
+    with every fused op forced to its fused form (``"always"``)."""
     with canonical_execution(lm):
         ref = _output(lm(*args, **kwargs))
         ref.pow(2).sum().backward()
-    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
-    for k, p in lm.named_lora_parameters():
-        _assert_close_to_scale(grads[k], p.grad, 1e-4, k)
+    ref_grads = {k: p.grad.clone() for k, p in lm.named_lora_parameters()}
     lm.zero_grad()
+    for mode in (True, "always"):
+        lm.fused_execution = mode
+        fused = _output(lm(*args, **kwargs))
+        fused.pow(2).sum().backward()
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+        for k, p in lm.named_lora_parameters():
+            _assert_close_to_scale(p.grad, ref_grads[k], 1e-4, f"{k} ({mode})")
+        lm.zero_grad()
+    lm.fused_execution = True
 
 
 def test_gpt2_conv1d_sites_fuse_with_their_lora_branches():
@@ -119,8 +125,8 @@ def test_transposed_weight_siblings_fuse_like_linear_ones():
     lm = graphlora.transform(TransposedWeights(), [LoraRule(".*", rank=2, alpha=2.0)], (x,))
     _randomize_lora(lm)
     targets = _targets(lm._executable())
-    # wq and wk read x: one lora_linear over both, split; wo its own
-    assert targets.count(LORA_LINEAR) == 2 and targets.count(aten.split_with_sizes.default) == 1
+    # wq and wk read x: one sibling group (one lora_linear over both where it pays); wo its own
+    assert targets.count(sibling_lora_linears) == 1 and targets.count(LORA_LINEAR) == 1
     assert aten.matmul.default not in targets
     assert {s.spec.kind for s in graphlora.sites.tagged_sites(lm.graph_module)} == {"matmul"}
     _assert_fused_matches_canonical(lm, x)
@@ -131,8 +137,8 @@ def test_transposed_weight_siblings_without_lora_become_one_gemm():
     lm = graphlora.transform(TransposedWeights(), [LoraRule("wo", rank=2, alpha=2.0)], (x,))
     _randomize_lora(lm)
     targets = _targets(lm._executable())
-    assert targets.count(aten.linear.default) == 1 and targets.count(LORA_LINEAR) == 1
-    assert targets.count(aten.split_with_sizes.default) == 1
+    assert targets.count(sibling_linears) == 1 and targets.count(LORA_LINEAR) == 1
+    assert aten.linear.default not in targets
     _assert_fused_matches_canonical(lm, x)
 
 
@@ -146,19 +152,18 @@ def test_every_spelling_fuses():
     _assert_fused_matches_canonical(lm, x)
 
 
-def test_packed_int4_conv1d_base_runs_unfused_and_reads_its_codes():
-    """A quantized base is dequantized per call; fusing it would add a pass over that weight
-    (effective weight, sibling concatenation) per call, so its sites run as the canonical graph."""
+def test_packed_int4_conv1d_base_fuses_and_reads_its_codes():
     x = ids(3, 9)
     rules = [LoraRule(GPT2_TARGETS, rank=2, alpha=3.0, weight_qtype="int4", group_size=16)]
     lm = graphlora.transform(tiny_gpt2(), rules, (x,), {"use_cache": False})
     _randomize_lora(lm)
     assert "h.0.attn.c_attn.weight" not in dict(lm.graph_module.named_parameters())  # packed codes only
     fused = lm._executable()
-    assert _targets(fused).count(LORA_LINEAR) == 0
+    assert _targets(fused).count(LORA_LINEAR) == 8
     for node in fused.graph.nodes:
-        if node.target == aten.cat.default:  # no dequantized weight is concatenated with a sibling
-            assert not any(graphlora.meta.role(a) == "dequant" for a in node.args[0])
+        if node.target == LORA_LINEAR:  # the base weight is the (in, out) dequantized codes, transposed
+            weight = node.args[1]
+            assert weight.target == aten.t.default and graphlora.meta.role(weight.args[0]) == "dequant"
     _assert_fused_matches_canonical(lm, x)
     with torch.no_grad(), lm.disable_adapter():  # and the fused base is the quantized base
         fused_base = lm(x).last_hidden_state
@@ -166,12 +171,12 @@ def test_packed_int4_conv1d_base_runs_unfused_and_reads_its_codes():
             torch.testing.assert_close(fused_base, lm(x).last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_int4_transposed_weight_runs_unfused():
+def test_packed_int4_transposed_weight_fuses():
     x = torch.randn(2, 3, 8)
     rules = [LoraRule(".*", rank=2, alpha=3.0, weight_qtype="int4", group_size=4)]
     lm = graphlora.transform(AllSpellings().eval(), rules, (x,))
     _randomize_lora(lm)
-    assert _targets(lm._executable()).count(LORA_LINEAR) == 0
+    assert _targets(lm._executable()).count(LORA_LINEAR) == 6
     _assert_fused_matches_canonical(lm, x)
 
 
@@ -186,3 +191,51 @@ def test_lora_linear_keeps_a_transposed_weight_transposed():
     y = LORA_LINEAR(x, p.t(), b, a, bb, 0.5)
     torch.testing.assert_close(y, torch.addmm(b, x, p) + 0.5 * (x @ a.T) @ bb.T, rtol=1e-5, atol=1e-5)
     assert torch.equal(LORA_LINEAR(x, p.t(), b, a, torch.zeros(4, 3), 0.5), torch.addmm(b, x, p))
+
+
+def _closed_forms(rows: int, in_f: int, out_f: int, rank: int):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, in_f, generator=g)
+    w, b = torch.randn(out_f, in_f, generator=g), torch.randn(out_f, generator=g)
+    a, bb = torch.randn(rank, in_f, generator=g), torch.randn(out_f, rank, generator=g)
+    branch = torch.nn.functional.linear(x, w, b) + 0.5 * ((x @ a.T) @ bb.T)  # the canonical graph's ops
+    effective = torch.nn.functional.linear(x, torch.addmm(w, bb, a, alpha=0.5), b)  # one GEMM
+    return (x, w, b, a, bb), branch, effective
+
+
+def test_lora_linear_runs_the_branch_for_few_tokens_and_one_gemm_for_many():
+    """One token through a 64 x 64 site: the op computes what the canonical ops compute, bit for
+    bit; 4096 tokens: the effective-weight GEMM, bit for bit; ``always`` forces the GEMM."""
+    args, branch, effective = _closed_forms(1, 64, 64, 4)
+    assert torch.equal(LORA_LINEAR(*args, 0.5), branch)
+    assert torch.equal(LORA_LINEAR(*args, 0.5, True), effective)
+    args, branch, effective = _closed_forms(4096, 64, 64, 4)
+    assert torch.equal(LORA_LINEAR(*args, 0.5), effective)
+    torch.testing.assert_close(effective, branch, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 4096])
+def test_lora_linear_gradients_in_both_forms_equal_autograd(rows):
+    (x, w, b, a, bb), _, _ = _closed_forms(rows, 64, 48, 4)
+    leaves = [t.clone().requires_grad_() for t in (x, a, bb)]
+    LORA_LINEAR(leaves[0], w, b, leaves[1], leaves[2], 0.5).pow(2).sum().backward()
+    refs = [t.clone().requires_grad_() for t in (x, a, bb)]
+    y = torch.nn.functional.linear(refs[0], w, b) + 0.5 * ((refs[0] @ refs[1].T) @ refs[2].T)
+    y.pow(2).sum().backward()
+    for got, ref in zip(leaves, refs):
+        _assert_close_to_scale(got.grad, ref.grad, 1e-5, f"rows={rows}")
+
+
+def test_sibling_groups_concatenate_only_when_the_tokens_pay_for_it():
+    g = torch.Generator().manual_seed(4)
+    weights = [torch.randn(n, 64, generator=g) for n in (64, 16, 16)]
+    biases = [torch.randn(n, generator=g) for n in (64, 16, 16)]
+    for rows in (1, 8192):
+        x = torch.randn(rows, 64, generator=g)
+        one_by_one = [torch.nn.functional.linear(x, w, b) for w, b in zip(weights, biases)]
+        concatenated = torch.nn.functional.linear(x, torch.cat(weights), torch.cat(biases)).split([64, 16, 16], -1)
+        expected = one_by_one if rows == 1 else concatenated
+        for got, ref in zip(sibling_linears(x, weights, biases), expected):
+            assert torch.equal(got, ref), rows
+        for got, ref in zip(sibling_linears(x, weights, biases, always=True), concatenated):
+            assert torch.equal(got, ref), rows

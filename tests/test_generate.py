@@ -238,3 +238,64 @@ def test_generate_needs_a_model_that_can_generate():
     assert not lm.can_generate()
     with pytest.raises(graphlora.InputError, match="can generate"):
         lm.generate(torch.zeros(2, 8))
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                            max_position_embeddings=64, pad_token_id=0, sliding_window=4)).eval()
+
+
+def _gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, vocab_size=96, max_position_embeddings=64,
+                          pad_token_id=0, sliding_window=4)
+    assert config.layer_types == ["sliding_attention", "full_attention"]  # one layer of each kind
+    return Gemma2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_sliding_window_models_generate_past_the_window_as_transformers(arch, tmp_path):
+    """A window of 4 tokens, prompts of 6 and 12 new tokens: every decoded token attends to a
+    window that has slid; the reference runs transformers' own sliding-window cache."""
+    lm = _transform({"mistral": _mistral, "gemma2": _gemma2}[arch](), r".*(q|v)_proj")
+    ref = _merged(lm, tmp_path)
+    ids, mask = _prompts()
+    ours = lm.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    theirs = ref.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours, theirs)
+    base = {"mistral": _mistral, "gemma2": _gemma2}[arch]()
+    base.config.sliding_window = 64  # the window matters: without it the tokens differ
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            base.get_parameter(name).copy_(p)
+    assert not torch.equal(base.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False), theirs)
+
+
+def test_beam_search_with_several_sequences_and_two_adapters(tmp_path):
+    """Beams and ``num_return_sequences`` repeat each prompt's row (its adapter name too) and
+    reorder the static cache between steps: each prompt's 2 returned beams equal its adapter's
+    merged model searching alone."""
+    from graphlora import LoraSpec
+
+    lm = _transform(_llama(), r".*(q|v)_proj")
+    lm.add_adapter("other", {s.module_path: LoraSpec(rank=4, alpha=8.0) for s in lm.sites})
+    _randomize(lm, "other", seed=2)
+    lm.set_adapter("other")
+    refs = {"other": _merged(lm, tmp_path, "other")}
+    lm.set_adapter("default")
+    refs["default"] = _merged(lm, tmp_path, "default")
+    ids, mask = _prompts()
+    search = dict(max_new_tokens=6, do_sample=False, num_beams=3, num_return_sequences=2)
+    names = ["other", "default"]
+    ours = lm.generate(ids, attention_mask=mask, adapter_names=names, **search)
+    assert ours.shape == (4, ids.shape[1] + 6)
+    for row, name in enumerate(names):
+        theirs = refs[name].generate(ids[row:row + 1], attention_mask=mask[row:row + 1], **search)
+        assert torch.equal(ours[2 * row:2 * row + 2], theirs), name

@@ -9,7 +9,10 @@ the batch has many tokens. Autograd through that form would compute the full wei
 * ``dB = s dY^T (x A^T)`` and ``dA = s (dY B)^T x`` — the same small GEMMs as before.
 
 Per site that saves two small GEMMs and two elementwise passes over the activations, in forward
-and backward. Like sibling fusion this is an *execution* rewrite, applied to the copy of the graph
+and backward — but building the effective weight is itself a pass over ``in * out`` elements, so
+it pays only for many tokens. The op decides per call from the rows it is given
+(:func:`fusion_pays`), so a one-token decode step runs the branch as the canonical graph does and a
+training batch of thousands of tokens the one GEMM; ``always=True`` forces the effective weight. Like sibling fusion this is an *execution* rewrite, applied to the copy of the graph
 :class:`~graphlora.LoraModel` runs, never to the canonical graph. Sites with LoRA dropout are left
 alone (dropout applies to the branch's input only, which the effective weight cannot express),
 and so are mixed-precision branches (float32 factors on a half-precision base), whose base and
@@ -21,11 +24,39 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphlora import meta
 from graphlora.branches import LoraBranch, find_branches
 from graphlora.passes.base import GraphPass, PassResult
 
 aten = torch.ops.aten
+
+
+#: The cost model behind :func:`fusion_pays`, in units of one GEMM multiply-add: a pass over
+#: memory costs far more per element than a GEMM (which reuses each element from cache). Fitted
+#: on one CPU to the per-site timings behind ``benchmarks/bench_fusion.py`` and kept on the
+#: side of not fusing: near the break-even point both forms cost the same, far below it the
+#: effective weight costs up to 9x the branch (one token, 768 x 2048).
+WEIGHT_PASS_COST = 150.0
+ACTIVATION_PASS_COST = 40.0
+
+
+def fusion_pays(rows: int, in_features: int, out_features: int, rank: int) -> bool:
+    """Whether one GEMM with ``W + s B A`` costs less than the base GEMM plus the branch.
+
+    The effective weight costs a rank-``r`` product and a pass over the ``in x out`` weight; the
+    branch costs two thin GEMMs and a pass (scale, add) over the ``rows x out`` output. So the
+    effective weight pays when ``rows`` is large next to ``in * out * (r + Cw) / (r (in + out) + Ca out)``:
+    ~1800 rows for a 768 x 768 projection, ~2000 for 768 x 2048."""
+    saved = rows * (rank * (in_features + out_features) + ACTIVATION_PASS_COST * out_features)
+    spent = in_features * out_features * (rank + WEIGHT_PASS_COST)
+    return saved > spent
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[-1])
+
+
+def _effective_pays(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, always: bool) -> bool:
+    return always or fusion_pays(_rows(x), weight.shape[1], weight.shape[0], lora_a.shape[0])
 
 
 @torch.library.custom_op("graphlora::lora_linear", mutates_args=())
@@ -36,10 +67,15 @@ def lora_linear(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
+    always: bool = False,
 ) -> torch.Tensor:
-    """``linear(x, weight, bias) + scale * linear(linear(x, lora_a), lora_b)``, in one GEMM."""
-    effective = _effective_weight(weight, lora_a, lora_b, scale)
-    return torch.nn.functional.linear(x, effective, bias)
+    """``linear(x, weight, bias) + scale * linear(linear(x, lora_a), lora_b)``: one GEMM with the
+    effective weight where that pays (:func:`fusion_pays`) or ``always``, else op for op."""
+    if _effective_pays(x, weight, lora_a, always):
+        effective = _effective_weight(weight, lora_a, lora_b, scale)
+        return torch.nn.functional.linear(x, effective, bias)
+    linear = torch.nn.functional.linear
+    return linear(x, weight, bias) + scale * linear(linear(x, lora_a), lora_b)
 
 
 def _effective_weight(weight, lora_a, lora_b, scale):
@@ -51,55 +87,38 @@ def _effective_weight(weight, lora_a, lora_b, scale):
 
 
 @lora_linear.register_fake
-def _(x, weight, bias, lora_a, lora_b, scale):
+def _(x, weight, bias, lora_a, lora_b, scale, always=False):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _setup(ctx, inputs, output):
-    x, weight, _, lora_a, lora_b, scale = inputs
+    x, weight, _, lora_a, lora_b, scale = inputs[:6]
     ctx.save_for_backward(x, weight, lora_a, lora_b)
     ctx.scale = scale
+    ctx.effective = _effective_pays(x, weight, lora_a, bool(inputs[6]) if len(inputs) > 6 else False)
 
 
 def _backward(ctx, grad):
     x, weight, lora_a, lora_b = ctx.saved_tensors
     s = ctx.scale
-    need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+    need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     dx = dbias = da = db = None
-    if need_x:
-        effective = _effective_weight(weight, lora_a, lora_b, s)
-        dx = (g2 @ effective).reshape(x.shape)
+    if need_x and ctx.effective:
+        dx = (g2 @ _effective_weight(weight, lora_a, lora_b, s)).reshape(x.shape)
+    elif need_x:  # the branch's dx as the canonical graph computes it
+        dx = (g2 @ weight + s * ((g2 @ lora_b) @ lora_a)).reshape(x.shape)
     if need_bias:
         dbias = g2.sum(0)
     if need_b:
         db = (g2.t() @ (x2 @ lora_a.t())) * s
     if need_a:
         da = ((g2 @ lora_b).t() @ x2) * s
-    return dx, None, dbias, da, db, None
+    return dx, None, dbias, da, db, None, None
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup)
-
-
-def reads_dequantized(weight) -> bool:
-    """Whether a linear's weight operand is rebuilt from quantized codes on every call (a
-    ``graphlora::dequantize*`` node, possibly behind a transpose or cast). Fusing such a site
-    would add a full pass over the freshly dequantized weight per call (the effective weight
-    ``W + s B A``, or the concatenation of siblings) on top of the GEMM it feeds, which at decode
-    sizes costs as much as the GEMM: quantized sites run unfused."""
-    node = weight
-    for _ in range(4):
-        if not isinstance(node, fx.Node) or node.op != "call_function":
-            return False
-        if meta.role(node) == "dequant":
-            return True
-        inputs = node.all_input_nodes
-        if len(inputs) != 1:
-            return False
-        node = inputs[0]
-    return False
 
 
 def _fusable(br: LoraBranch) -> bool:
@@ -116,13 +135,15 @@ def _fusable(br: LoraBranch) -> bool:
         return False
     if a.args[0] is not base.args[0]:
         return False  # quantization on the branch input
-    if reads_dequantized(base.args[1]):
-        return False
     return all(len(n.users) == 1 for n in (a, scale, b, base))
 
 
 class FuseLoraLinearPass(GraphPass):
     """Replace ``base linear + LoRA branch + add`` by one ``graphlora::lora_linear`` node."""
+
+    def __init__(self, always: bool = False) -> None:
+        super().__init__()
+        self.always = always
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
@@ -135,7 +156,7 @@ class FuseLoraLinearPass(GraphPass):
             with gm.graph.inserting_before(add):
                 fused = gm.graph.call_function(
                     torch.ops.graphlora.lora_linear.default,
-                    (x, weight, bias, br.a.args[1], br.b.args[1], br.scale.args[1]),
+                    (x, weight, bias, br.a.args[1], br.b.args[1], br.scale.args[1], self.always),
                 )
             fused.meta.update(add.meta)
             add.replace_all_uses_with(fused)

@@ -8,9 +8,12 @@ this; a graph pass can.
 
 This is an *execution* optimisation: it is applied to a copy of the graph that
 :class:`~graphlora.LoraModel` runs (see ``LoraModel.fuse_siblings``), never to the canonical graph
-that other passes, saving and export work on. The weights are concatenated inside the graph on
-every forward (a copy of a few MB), so no tensor is duplicated and training updates are seen
-immediately.
+that other passes, saving and export work on. The weights are concatenated on every forward (a
+copy of a few MB), so no tensor is duplicated and training updates are seen immediately — and
+that copy costs more than it saves unless the call has many tokens, so the fused group is a call
+of :func:`sibling_linears` / :func:`sibling_lora_linears`, which concatenate only when the rows
+of this call pay for it (:func:`siblings_pay`) and otherwise run the siblings one by one, exactly
+as the canonical graph does.
 """
 
 from __future__ import annotations
@@ -22,9 +25,8 @@ import torch
 import torch.fx as fx
 
 from graphlora import meta
-from graphlora.passes import fuse_lora  # noqa: F401  (registers graphlora::lora_linear)
-from graphlora.passes.fuse_lora import reads_dequantized
 from graphlora.passes.base import GraphPass, PassResult
+from graphlora.passes.fuse_lora import ACTIVATION_PASS_COST, WEIGHT_PASS_COST, fusion_pays
 
 aten = torch.ops.aten
 LORA_LINEAR = torch.ops.graphlora.lora_linear.default
@@ -39,6 +41,46 @@ def _plain_linear(node: fx.Node) -> bool:
     )
 
 
+def siblings_pay(rows: int, in_features: int, outs: list[int], rank: int = 0) -> bool:
+    """Whether one GEMM over the concatenated weights of ``len(outs)`` siblings costs less than one
+    GEMM each: the concatenation is a pass over every weight; one GEMM saves, in backward, the
+    passes that add the siblings' input gradients (and with LoRA, the effective weight must pay
+    too: :func:`~graphlora.passes.fuse_lora.fusion_pays`)."""
+    saved = rows * in_features * (len(outs) - 1) * ACTIVATION_PASS_COST
+    spent = in_features * sum(outs) * WEIGHT_PASS_COST
+    return saved > spent and (rank == 0 or fusion_pays(rows, in_features, sum(outs), rank))
+
+
+def _rows_of(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[-1])
+
+
+def sibling_linears(x: torch.Tensor, weights: list, biases: list | None, always: bool = False) -> tuple:
+    """``tuple(linear(x, w, b) for each sibling)``, as one GEMM where :func:`siblings_pay`."""
+    sizes = [w.shape[0] for w in weights]
+    if always or siblings_pay(_rows_of(x), x.shape[-1], sizes):
+        bias = torch.cat(biases) if biases is not None else None
+        return torch.nn.functional.linear(x, torch.cat(weights), bias).split(sizes, -1)
+    linear = torch.nn.functional.linear
+    return tuple(linear(x, w, None if biases is None else b) for w, b in zip(weights, biases or weights))
+
+
+def sibling_lora_linears(x: torch.Tensor, weights: list, biases: list | None, lora_as: list, lora_bs: list,
+                         scales: list, always: bool = False) -> tuple:
+    """Siblings with LoRA branches: one ``lora_linear`` over the concatenated base weights, the
+    stacked ``A`` matrices and a block-diagonal ``B`` (each block pre-scaled) where that pays,
+    else one ``lora_linear`` each (which decides for itself)."""
+    sizes = [w.shape[0] for w in weights]
+    rank = sum(a.shape[0] for a in lora_as)
+    if always or siblings_pay(_rows_of(x), x.shape[-1], sizes, rank):
+        bias = torch.cat(biases) if biases is not None else None
+        block = torch.block_diag(*(b * s for b, s in zip(lora_bs, scales)))
+        fused = LORA_LINEAR(x, torch.cat(weights), bias, torch.cat(lora_as), block, 1.0, True)
+        return fused.split(sizes, -1)
+    return tuple(LORA_LINEAR(x, w, None if biases is None else bias, a, b, s, always)
+                 for w, bias, a, b, s in zip(weights, biases or weights, lora_as, lora_bs, scales))
+
+
 def _weight_rows(node: fx.Node) -> int | None:
     val = node.args[1].meta.get("val")
     if val is None or val.dim() != 2:
@@ -49,10 +91,14 @@ def _weight_rows(node: fx.Node) -> int | None:
 class FuseSiblingLinearsPass(GraphPass):
     """Fuse ``aten.linear`` nodes that share their input (base sites and LoRA ``A``s alike)."""
 
+    def __init__(self, always: bool = False) -> None:
+        super().__init__()
+        self.always = always
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         groups: dict[tuple, list[fx.Node]] = defaultdict(list)
         for node in gm.graph.nodes:
-            if not _plain_linear(node) or _weight_rows(node) is None or reads_dequantized(node.args[1]):
+            if not _plain_linear(node) or _weight_rows(node) is None:
                 continue
             has_bias = len(node.args) > 2 and node.args[2] is not None
             kind = "lora" if meta.role(node) == "lora_a" else "base"
@@ -65,17 +111,17 @@ class FuseSiblingLinearsPass(GraphPass):
         for (x, _, has_bias), nodes in groups.items():
             if len(nodes) < 2:
                 continue
-            _fuse(gm, x, nodes, has_bias)
+            _fuse(gm, x, nodes, has_bias, self.always)
             modified = True
         for (x, has_bias), nodes in lora_groups.items():
             if len(nodes) < 2:
                 continue
-            _fuse_lora(gm, x, nodes, has_bias)
+            _fuse_lora(gm, x, nodes, has_bias, self.always)
             modified = True
         return PassResult(gm, modified)
 
 
-def _fuse_lora(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], has_bias: bool) -> None:
+def _fuse_lora(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], has_bias: bool, always: bool) -> None:
     """Siblings with LoRA: one ``lora_linear`` over the concatenated base weights, the stacked
     ``A`` matrices and a block-diagonal ``B`` (each block pre-scaled), then split."""
     graph = gm.graph
@@ -88,13 +134,10 @@ def _fuse_lora(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], has_bias: b
         return
     first = nodes[0]
     with graph.inserting_before(first):
-        w = graph.call_function(aten.cat.default, ([n.args[1] for n in nodes], 0))
-        b = graph.call_function(aten.cat.default, ([n.args[2] for n in nodes], 0)) if has_bias else None
-        a = graph.call_function(aten.cat.default, ([n.args[3] for n in nodes], 0))
-        scaled = [graph.call_function(aten.mul.Tensor, (n.args[4], n.args[5])) for n in nodes]
-        bd = graph.call_function(torch.block_diag, tuple(scaled))
-        fused = graph.call_function(LORA_LINEAR, (x, w, b, a, bd, 1.0))
-        parts = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
+        biases = [n.args[2] for n in nodes] if has_bias else None
+        parts = graph.call_function(sibling_lora_linears, (
+            x, [n.args[1] for n in nodes], biases, [n.args[3] for n in nodes], [n.args[4] for n in nodes],
+            [n.args[5] for n in nodes], always))
         pieces = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(nodes))]
     _replace(graph, nodes, pieces)
 
@@ -145,7 +188,7 @@ def _constant_closure(node: fx.Node) -> list[fx.Node] | None:
     return list(seen)
 
 
-def _fuse(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], has_bias: bool) -> None:
+def _fuse(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], has_bias: bool, always: bool) -> None:
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     nodes = sorted(nodes, key=order.__getitem__)
@@ -154,14 +197,9 @@ def _fuse(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], has_bias: bool) 
     # above the first sibling so one fused op can read them all
     if not _hoist_operands(graph, nodes, order, (1, 2)):
         return
-    sizes = [_weight_rows(n) for n in nodes]
     with graph.inserting_before(first):
-        w = graph.call_function(aten.cat.default, ([n.args[1] for n in nodes], 0))
-        args = (x, w)
-        if has_bias:
-            args = (x, w, graph.call_function(aten.cat.default, ([n.args[2] for n in nodes], 0)))
-        fused = graph.call_function(aten.linear.default, args)
-        parts = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
+        biases = [n.args[2] for n in nodes] if has_bias else None
+        parts = graph.call_function(sibling_linears, (x, [n.args[1] for n in nodes], biases, always))
         pieces = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(nodes))]
     _replace(graph, nodes, pieces)
 
@@ -182,7 +220,7 @@ def _share_input_casts(graph: fx.Graph) -> None:
             first[key] = node
 
 
-def fused_copy(gm: fx.GraphModule) -> fx.GraphModule:
+def fused_copy(gm: fx.GraphModule, always: bool = False) -> fx.GraphModule:
     """A GraphModule running ``gm``'s graph with its sites fused: each with its LoRA branch, and
     siblings that read one input into one GEMM, whatever op spelled the site in the model.
 
@@ -206,8 +244,8 @@ def fused_copy(gm: fx.GraphModule) -> fx.GraphModule:
 
     CanonicalLinearPass()(fused)  # every site as aten.linear, the one op the fusions match
     _share_input_casts(fused.graph)
-    FuseLoraLinearPass()(fused)
-    FuseSiblingLinearsPass()(fused)
+    FuseLoraLinearPass(always)(fused)
+    FuseSiblingLinearsPass(always)(fused)
     fused.graph.lint()
     fused.recompile()
     fused.training = gm.training
