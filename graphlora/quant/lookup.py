@@ -3,9 +3,10 @@
 The reference path (:func:`graphlora.quant.packing._unpack` then :mod:`graphlora.quant.affine`)
 widens the bytes to int16, splits the nibbles, stacks and flattens them, gathers the codebook
 through int64 indices and expands the per-block scales with ``repeat_interleave``: six passes
-over the weight, ~4x the time of this one on CPU. Here a 256-row table maps each *byte* straight
-to the float32 values of its two codes (one gather that writes both nibbles in place), and the scales multiply through a broadcast view, without a copy, when the
-blocks tile the rows. Every value is the product of the same two float32 numbers as on the
+over the weight, ~4-8x the time of this one on CPU. Here a 256-entry table maps each *byte*
+straight to the float32 values of its two codes (one gather of 8-byte entries writes both
+nibbles), and the scales multiply in place through a broadcast view when the blocks tile the
+rows. Every value is the product of the same two float32 numbers as on the
 reference path, so the results are bit-identical to it (tests/test_quant_lookup.py).
 """
 
