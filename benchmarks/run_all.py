@@ -50,6 +50,8 @@ def machine() -> dict:
 
 def benchmarks() -> dict:
     import bench_decode
+    import bench_decoder_onnx
+    import bench_fusion
     import bench_gptq_depth
     import bench_grad_checkpointing
     import bench_lora_train
@@ -72,6 +74,8 @@ def benchmarks() -> dict:
         "decode": bench_decode.run,
         # PEFT + bitsandbytes rows only where bitsandbytes (>= 0.48, CPU backend) is installed
         "qlora_speed": bench_qlora_speed.run,
+        "decoder_onnx": bench_decoder_onnx.run,
+        "fusion": bench_fusion.run,
     }
 
 
@@ -176,6 +180,26 @@ def render(m: dict, results: dict) -> str:
                 out += [f"{name.replace('_', ' ')} / PEFT + bitsandbytes nf4 (goal <= 1.0): "
                         + ", ".join(f"context {c} **{_f(r[f'{name}_over_peft_bnb_{c}'], 2)}**" for c in contexts)
                         + ".", ""]
+    r = results.get("fusion")
+    if r and "error" not in r:
+        out += [
+            f"## Execution fusion vs the canonical graph ({r['shape']})",
+            "",
+            "`fused_execution=True` (each fused site and sibling group picks its form per call from the",
+            "tokens it is given) against `False` (the canonical graph op for op), the same LoraModel",
+            "switched between the two; eval forward under `no_grad` and a training step (forward +",
+            f"backward); medians of at least {r['rounds']} interleaved rounds (more for cheap sizes). Goal: ratio <= 1.0 at every size.",
+            "",
+            "| batch x tokens | forward fused ms | forward canonical ms | ratio | step fused ms | step canonical ms | ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for size, row in r["forward"].items():
+            step = r["train"].get(size)
+            cells = [_f(row["fused_ms"], 1), _f(row["canonical_ms"], 1), f"**{_f(row['ratio'], 2)}**"]
+            cells += ([_f(step["fused_ms"], 1), _f(step["canonical_ms"], 1), f"**{_f(step['ratio'], 2)}**"]
+                      if step else ["", "", ""])
+            out.append(f"| {size.replace('x', ' x ')} | " + " | ".join(cells) + " |")
+        out.append("")
     r = results.get("trace_8b")
     if r and "error" not in r:
         out += [
@@ -228,6 +252,9 @@ def render(m: dict, results: dict) -> str:
         out += ["## ONNX export vs onnxruntime's own quantization tools (MiniLM, batch 8 x 64)", ""]
         out += r.get("markdown", ["```", json.dumps(r, indent=2), "```"])
         out.append("")
+    r = results.get("decoder_onnx")
+    if r and "error" not in r:
+        out += render_decoder_onnx(r)
     errors = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
     if errors:
         out += ["## Benchmarks that failed in this run", ""]
@@ -286,6 +313,27 @@ def render_qlora_speed(r: dict) -> list[str]:
             for peer in ("peft_bnb_nf4", "fp32") for name in r["systems"]
             if name.startswith("graphlora") and f"{name}_over_{peer}_{r['shapes'][0]}" in r]
     out += _table(["ratio"] + r["shapes"], ([label] + cells for label, cells in rows))
+    return out
+
+
+def render_decoder_onnx(r: dict) -> list[str]:
+    """KV-cache decoder export vs the full-recompute export (bench_decoder_onnx.py)."""
+    out = [
+        f"## ONNX decoder with a KV cache vs full recompute (Llama {r['layers']} layers x {r['hidden']}, "
+        f"vocab {r['vocab']}, {r['params'] / 1e6:.1f}M parameters, random weights)",
+        "",
+        "int4 g32 base on q/v_proj with LoRA r8 as a branch; plain onnxruntime, 1 thread, accuracy level 0; "
+        "batch 1; medians of interleaved rounds. `python benchmarks/bench_decoder_onnx.py`.",
+        "",
+        "| context | KV-cache decoder ms/token | full recompute ms/token | ratio full / cache | prefill ms |",
+        "|---|---|---|---|---|",
+    ]
+    for ctx in (32, 256):
+        out.append(f"| {ctx} | **{_f(r[f'cache_ms_token@{ctx}'], 2)}** | {_f(r[f'full_ms_token@{ctx}'], 2)} | "
+                   f"{_f(r[f'full_over_cache@{ctx}'], 1)} | {_f(r[f'prefill_ms@{ctx}'], 1)} |")
+    out += ["", f"File size: {_f(r['size_mb_cache'], 1)} MB (decoder) vs {_f(r['size_mb_full'], 1)} MB (plain export). "
+            f"Greedy tokens (3 prompts x 24) equal to the LoraModel's `generate()`: {r['greedy_rows_equal']}. "
+            "The onnxruntime-genai model builder comparison is not measured yet.", ""]
     return out
 
 

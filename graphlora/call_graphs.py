@@ -220,6 +220,18 @@ class CallGraphs:
         self._traces.setdefault(key, []).extend([trace, *spares])
         return trace
 
+    def derived_graph(self, module: nn.Module, bound: dict, call: str) -> fx.GraphModule:
+        """A graph of ``module`` -- a view of the template with another ``forward`` (the ONNX
+        decoder step, which takes its KV cache as tensors) -- for the call ``bound``, traced and
+        built like every other graph of the model; not kept among the model's graphs."""
+        canonical = self.model.graph_module
+        form = ForwardSignature(module.forward, type(module).__name__).form(bound)
+        trace = trace_structure(module, bound, form, like=lambda name: _lookup(canonical, name, self._aliases),
+                                device=_device_of(canonical))
+        entry = CallGraph(call_key(bound), call, form, trace=trace)
+        self._build(entry)
+        return entry.graph_module
+
     def explain_failure(self, args: tuple, kwargs: dict) -> InputError | None:
         """After a graph failed on a call: an InputError naming the input that differs in kind or
         dtype from the traced call (the likely cause), or None."""

@@ -21,6 +21,7 @@ from toy_models import AllSpellings, canonical_execution, ids, tiny_gpt2
 
 aten = torch.ops.aten
 LORA_LINEAR = torch.ops.graphlora.lora_linear.default
+FUSED_SITE = fuse_lora.lora_linear_or_branch  # what a fused site runs: the op where it pays
 GPT2_TARGETS = r".*(c_attn|c_proj|c_fc)"
 
 
@@ -91,7 +92,7 @@ def test_gpt2_conv1d_sites_fuse_with_their_lora_branches():
     fused = lm._executable()
     targets = _targets(fused)
     # 2 layers x (c_attn, attn.c_proj, c_fc, mlp.c_proj): each Conv1D addmm and its branch, one op
-    assert targets.count(LORA_LINEAR) == 8
+    assert targets.count(FUSED_SITE) == 8
     assert aten.addmm.default not in targets and aten.linear.default not in targets
     # the canonical graph is untouched: the model's own addmm sites, separate branches
     assert graph_text(lm.graph_module) == text
@@ -126,7 +127,7 @@ def test_transposed_weight_siblings_fuse_like_linear_ones():
     _randomize_lora(lm)
     targets = _targets(lm._executable())
     # wq and wk read x: one sibling group (one lora_linear over both where it pays); wo its own
-    assert targets.count(sibling_lora_linears) == 1 and targets.count(LORA_LINEAR) == 1
+    assert targets.count(sibling_lora_linears) == 1 and targets.count(FUSED_SITE) == 1
     assert aten.matmul.default not in targets
     assert {s.spec.kind for s in graphlora.sites.tagged_sites(lm.graph_module)} == {"matmul"}
     _assert_fused_matches_canonical(lm, x)
@@ -137,7 +138,7 @@ def test_transposed_weight_siblings_without_lora_become_one_gemm():
     lm = graphlora.transform(TransposedWeights(), [LoraRule("wo", rank=2, alpha=2.0)], (x,))
     _randomize_lora(lm)
     targets = _targets(lm._executable())
-    assert targets.count(sibling_linears) == 1 and targets.count(LORA_LINEAR) == 1
+    assert targets.count(sibling_linears) == 1 and targets.count(FUSED_SITE) == 1
     assert aten.linear.default not in targets
     _assert_fused_matches_canonical(lm, x)
 
@@ -147,7 +148,7 @@ def test_every_spelling_fuses():
     lm = graphlora.transform(AllSpellings().eval(), [LoraRule(".*", rank=2, alpha=3.0)], (x,))
     _randomize_lora(lm)
     targets = _targets(lm._executable())
-    assert targets.count(LORA_LINEAR) == 6
+    assert targets.count(FUSED_SITE) == 6
     assert not {aten.addmm.default, aten.mm.default, aten.matmul.default, aten.linear.default} & set(targets)
     _assert_fused_matches_canonical(lm, x)
 
@@ -159,9 +160,9 @@ def test_packed_int4_conv1d_base_fuses_and_reads_its_codes():
     _randomize_lora(lm)
     assert "h.0.attn.c_attn.weight" not in dict(lm.graph_module.named_parameters())  # packed codes only
     fused = lm._executable()
-    assert _targets(fused).count(LORA_LINEAR) == 8
+    assert _targets(fused).count(FUSED_SITE) == 8
     for node in fused.graph.nodes:
-        if node.target == LORA_LINEAR:  # the base weight is the (in, out) dequantized codes, transposed
+        if node.target is FUSED_SITE:  # the base weight is the (in, out) dequantized codes, transposed
             weight = node.args[1]
             assert weight.target == aten.t.default and graphlora.meta.role(weight.args[0]) == "dequant"
     _assert_fused_matches_canonical(lm, x)
@@ -176,7 +177,7 @@ def test_packed_int4_transposed_weight_fuses():
     rules = [LoraRule(".*", rank=2, alpha=3.0, weight_qtype="int4", group_size=4)]
     lm = graphlora.transform(AllSpellings().eval(), rules, (x,))
     _randomize_lora(lm)
-    assert _targets(lm._executable()).count(LORA_LINEAR) == 6
+    assert _targets(lm._executable()).count(FUSED_SITE) == 6
     _assert_fused_matches_canonical(lm, x)
 
 
@@ -203,22 +204,22 @@ def _closed_forms(rows: int, in_f: int, out_f: int, rank: int):
     return (x, w, b, a, bb), branch, effective
 
 
-def test_lora_linear_runs_the_branch_for_few_tokens_and_one_gemm_for_many():
-    """One token through a 64 x 64 site: the op computes what the canonical ops compute, bit for
-    bit; 4096 tokens: the effective-weight GEMM, bit for bit; ``always`` forces the GEMM."""
+def test_a_fused_site_runs_the_branch_for_few_tokens_and_one_gemm_for_many():
+    """One token through a 64 x 64 site: what the canonical ops compute, bit for bit; 4096
+    tokens: the effective-weight GEMM, bit for bit; ``always`` forces the GEMM."""
     args, branch, effective = _closed_forms(1, 64, 64, 4)
-    assert torch.equal(LORA_LINEAR(*args, 0.5), branch)
-    assert torch.equal(LORA_LINEAR(*args, 0.5, True), effective)
+    assert torch.equal(FUSED_SITE(*args, 0.5), branch)
+    assert torch.equal(FUSED_SITE(*args, 0.5, True), effective)
     args, branch, effective = _closed_forms(4096, 64, 64, 4)
-    assert torch.equal(LORA_LINEAR(*args, 0.5), effective)
+    assert torch.equal(FUSED_SITE(*args, 0.5), effective)
     torch.testing.assert_close(effective, branch, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rows", [1, 4096])
-def test_lora_linear_gradients_in_both_forms_equal_autograd(rows):
+def test_fused_site_gradients_in_both_forms_equal_autograd(rows):
     (x, w, b, a, bb), _, _ = _closed_forms(rows, 64, 48, 4)
     leaves = [t.clone().requires_grad_() for t in (x, a, bb)]
-    LORA_LINEAR(leaves[0], w, b, leaves[1], leaves[2], 0.5).pow(2).sum().backward()
+    FUSED_SITE(leaves[0], w, b, leaves[1], leaves[2], 0.5).pow(2).sum().backward()
     refs = [t.clone().requires_grad_() for t in (x, a, bb)]
     y = torch.nn.functional.linear(refs[0], w, b) + 0.5 * ((refs[0] @ refs[1].T) @ refs[2].T)
     y.pow(2).sum().backward()

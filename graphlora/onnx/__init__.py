@@ -4,6 +4,8 @@
   integer initializers + ``DequantizeLinear`` for weights, ``QuantizeLinear``/``DequantizeLinear``
   for calibrated activations, onnxruntime's ``MatMulBnb4`` for NF4; LoRA merged, as a branch, or
   as graph inputs switched with onnxruntime adapters (:func:`write_adapter`).
+* causal LMs export as a KV-cache decoder step (:mod:`graphlora.onnx.decoder`, the
+  onnxruntime-genai/optimum layout); :func:`generate` runs one greedily with plain onnxruntime.
 * :class:`InferenceSession` — CUDA when usable else CPU (and why), 4-bit accuracy level, fusion
   blockers disabled.
 * :mod:`graphlora.onnx.optimized` — read the graph onnxruntime actually runs.
@@ -34,6 +36,10 @@ _EXPORTS = {
     "quantized_kernels": "graphlora.onnx.optimized",
     "op_counts": "graphlora.onnx.optimized",
     "LORA_MODES": "graphlora.onnx.prepare",
+    "generate": "graphlora.onnx.greedy",
+    "write_genai": "graphlora.onnx.genai",
+    "genai_config": "graphlora.onnx.genai",
+    "conform": "graphlora.onnx.adapters",
 }
 
 __all__ = [
@@ -45,8 +51,11 @@ __all__ = [
     "ProviderChoice",
     "adapter_tensors",
     "choose_providers",
+    "conform",
     "export_onnx",
     "float_fallbacks",
+    "generate",
+    "genai_config",
     "load_adapter",
     "lower_model",
     "op_counts",
@@ -55,6 +64,7 @@ __all__ = [
     "read_adapter",
     "save_model",
     "write_adapter",
+    "write_genai",
 ]
 
 

@@ -14,13 +14,28 @@ tensors under the same names; activating one for a run feeds them instead::
 Keep the ``LoraAdapter`` object alive while runs use it: ``RunOptions`` does not own it.
 
 No re-export, no session rebuild; the base weights are shared by every adapter.
+
+**Never mixed.** onnxruntime feeds an adapter's tensors and keeps the exported default for every
+input the file lacks, so a file covering fewer sites than the model would silently run *mixed*
+with the exported adapter. An adapter written or loaded *for a model* (``model=`` a path, an
+:class:`~graphlora.onnx.OnnxExport`, a session or an ONNX model; :meth:`InferenceSession.run_with_adapter`
+passes its own) is therefore conformed to the model's sites (:func:`conform`): every exported
+site present, an absent one as exact zeros (no LoRA there), a lower rank zero-padded to the
+exported one (zero A columns and B rows add nothing), and a higher rank, a site the model does
+not have, or a mismatched width refused with :class:`~graphlora.errors.AdapterError` naming the
+sites. The export records each input's shape in the ``graphlora.lora_inputs`` metadata, and the
+rank dimension is left symbolic in the graph, so onnxruntime never plans buffers for one rank.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +46,156 @@ from graphlora.io.atomic import atomic_path
 from graphlora.passes.export_lora_inputs import adapter_input_name, input_layout
 
 ADAPTER_SUFFIX = ".onnx_adapter"
+METADATA_KEY = "graphlora.lora_inputs"
+
+
+@dataclass(frozen=True)
+class ExportedInput:
+    """One LoRA input of an exported model: its site, which factor, and its exported shape."""
+
+    name: str
+    module_path: str
+    which: str  # "lora_A" (in, rank) | "lora_B" (rank, out)
+    shape: tuple[int, int]
+
+
+def exported_ranks(model, lora_rank: int | Mapping[str, int] | None) -> dict[str, int]:
+    """The rank each site is exported at: ``lora_rank`` (an int for all, or per module path),
+    else the largest rank any adapter of ``model`` has at that site."""
+    from graphlora.model import LoraModel
+
+    ranks: dict[str, int] = {}
+    if isinstance(model, LoraModel):
+        for specs in model.adapters.values():
+            for path, spec in specs.items():
+                ranks[path] = max(ranks.get(path, 0), int(spec.rank))
+    if lora_rank is None:
+        return ranks
+    if isinstance(lora_rank, Mapping):
+        return {**ranks, **{str(k): int(v) for k, v in lora_rank.items()}}
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+        raise ExportError(f"lora_rank must be a positive int or a mapping module path -> rank, got {lora_rank!r}")
+    return {path: int(lora_rank) for path in ranks} | {"*": int(lora_rank)}
+
+
+def free_rank_dims(onnx_model, lora_inputs) -> None:
+    """Make the rank dimension of each branch's inner activation (``x @ A^T``) symbolic, as the
+    inputs' own: a shape fixed at the exported rank makes onnxruntime plan buffers for it."""
+    import onnx_ir as ir
+
+    graph = onnx_model.graph
+    by_site: dict[str, dict[str, Any]] = {}
+    for item in lora_inputs:
+        value = next((v for v in graph.inputs if v.name == item.name), None)
+        if value is not None:
+            by_site.setdefault(item.module_path, {})[item.which] = value
+    for path, pair in by_site.items():
+        a, b = pair.get("lora_A"), pair.get("lora_B")
+        if a is None:
+            continue
+        stop = {id(node) for node, _ in b.uses()} if b is not None else set()
+        dim = ir.SymbolicDim(f"{path}.rank")
+        frontier = [node for node, _ in a.uses()]
+        seen: set[int] = set()
+        while frontier:
+            node = frontier.pop()
+            if id(node) in seen or id(node) in stop:
+                continue
+            seen.add(id(node))
+            for out in node.outputs:
+                if out.shape is not None and len(out.shape):
+                    out.shape = ir.Shape([*list(out.shape)[:-1], dim])
+                frontier.extend(n for n, _ in out.uses())
+
+
+def exported_inputs(model) -> dict[str, ExportedInput]:
+    """The LoRA inputs of a ``lora="inputs"`` export, from a path, an :class:`OnnxExport`, an
+    onnxruntime session, or an ONNX model (``onnx.ModelProto`` or ``onnx_ir.Model``)."""
+    entries = None
+    if hasattr(model, "lora_inputs") and hasattr(model, "path"):  # OnnxExport
+        entries = [{"name": i.name, "module_path": i.module_path, "which": i.which, "shape": list(i.shape)}
+                   for i in model.lora_inputs]
+    else:
+        text = _metadata(model)
+        if text is not None:
+            try:
+                entries = json.loads(text)
+            except ValueError:
+                raise AdapterError(f"the model's {METADATA_KEY} metadata is not JSON") from None
+    if entries is None:
+        raise AdapterError("the model has no LoRA inputs (graphlora.lora_inputs metadata): it was not "
+                           "exported with lora='inputs', so adapters cannot switch it")
+    out = {}
+    for e in entries:
+        if not isinstance(e, dict) or len(e.get("shape") or ()) != 2:
+            raise AdapterError("the model's LoRA inputs carry no shapes (exported by an older graphlora): "
+                               "re-export it to write or load adapters for it")
+        out[e["name"]] = ExportedInput(e["name"], e["module_path"], e["which"], tuple(int(d) for d in e["shape"]))
+    return out
+
+
+def _metadata(model) -> str | None:
+    if isinstance(model, (str, os.PathLike)):
+        import onnx
+
+        if not Path(model).is_file():
+            raise AdapterError(f"no ONNX model at {model}")
+        model = onnx.load(os.fspath(model), load_external_data=False)
+    if hasattr(model, "get_modelmeta"):  # an onnxruntime session
+        return model.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    props = getattr(model, "metadata_props", None)
+    if isinstance(props, Mapping):  # onnx_ir
+        return props.get(METADATA_KEY)
+    if props is not None:  # onnx.ModelProto
+        return next((p.value for p in props if p.key == METADATA_KEY), None)
+    raise AdapterError(f"cannot read LoRA inputs from a {type(model).__name__}; give the model's path, "
+                       "its OnnxExport or an onnxruntime session")
+
+
+def conform(tensors: Mapping[str, np.ndarray], model) -> dict[str, np.ndarray]:
+    """``tensors`` laid out for exactly ``model``'s LoRA inputs: absent sites as zeros, lower
+    ranks zero-padded; unknown names, half pairs, higher ranks and wrong widths refused."""
+    inputs = exported_inputs(model)
+    unknown = sorted(set(tensors) - set(inputs))
+    if unknown:
+        raise AdapterError(f"the adapter has tensors for {len(unknown)} input(s) the model does not take: "
+                           f"{', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}; the model's LoRA "
+                           "sites are fixed at export (export with LoRA on these modules)")
+    sites: dict[str, dict[str, ExportedInput]] = {}
+    for item in inputs.values():
+        sites.setdefault(item.module_path, {})[item.which] = item
+    out: dict[str, np.ndarray] = {}
+    half, too_big, wrong = [], [], []
+    for path, pair in sites.items():
+        a_in, b_in = pair["lora_A"], pair["lora_B"]
+        a, b = tensors.get(a_in.name), tensors.get(b_in.name)
+        if (a is None) != (b is None):
+            half.append(path)
+            continue
+        rank = a_in.shape[1]
+        if a is None:  # a site this adapter leaves alone: no LoRA there, exactly
+            a = np.zeros(a_in.shape, np.float32)
+            b = np.zeros(b_in.shape, np.float32)
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != a_in.shape[0] or b.shape[1] != b_in.shape[1] \
+                or a.shape[1] != b.shape[0]:
+            wrong.append(f"{path} (A^T {tuple(a.shape)}, B^T {tuple(b.shape)}; the model takes "
+                         f"({a_in.shape[0]}, r) and (r, {b_in.shape[1]}))")
+            continue
+        if a.shape[1] > rank:
+            too_big.append(f"{path} (rank {a.shape[1]} > {rank})")
+            continue
+        pad = rank - a.shape[1]
+        out[a_in.name] = np.ascontiguousarray(np.pad(a, ((0, 0), (0, pad))))
+        out[b_in.name] = np.ascontiguousarray(np.pad(b, ((0, pad), (0, 0))))
+    if half:
+        raise AdapterError(f"the adapter has only one of lora_A/lora_B at: {', '.join(half)}")
+    if wrong:
+        raise AdapterError(f"the adapter's tensors do not fit the model at: {'; '.join(wrong)}")
+    if too_big:
+        raise AdapterError(f"the adapter's rank exceeds the exported rank at: {', '.join(too_big)}; "
+                           "export with a larger lora_rank")
+    return out
 
 
 def adapter_tensors(lora_model, adapter: str | None = None) -> dict[str, np.ndarray]:
@@ -55,11 +220,14 @@ def write_adapter(
     *,
     adapter_version: int = 1,
     model_version: int = 1,
+    model: Any = None,
 ) -> Path:
     """Write an onnxruntime adapter file (atomically).
 
     ``source`` is a :class:`~graphlora.LoraModel` (``adapter`` picks which of its adapters; default
     the active one) or a mapping of input name -> array already in the ``lora="inputs"`` layout.
+    ``model``: the export the file is for (path, :class:`OnnxExport`, session); the file then
+    covers exactly its sites (:func:`conform`), so plain onnxruntime can never run it mixed.
     """
     import onnxruntime as ort
 
@@ -67,16 +235,24 @@ def write_adapter(
         tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in source.items()}
     else:
         tensors = adapter_tensors(source, adapter)
+    if model is not None:
+        tensors = conform(tensors, model)
     if not tensors:
         raise ExportError("the adapter has no LoRA tensors to write")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        _export(tensors, tmp, adapter_version, model_version)
+    return path
+
+
+def _export(tensors: Mapping[str, np.ndarray], path, adapter_version: int = 1, model_version: int = 1) -> None:
+    import onnxruntime as ort
+
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(int(adapter_version))
     fmt.set_model_version(int(model_version))
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in tensors.items()})
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fmt.export_adapter(os.fspath(tmp))
-    return path
+    fmt.export_adapter(os.fspath(path))
 
 
 def read_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -104,9 +280,11 @@ def read_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return tensors
 
 
-def load_adapter(adapter):
+def load_adapter(adapter, model: Any = None):
     """An ``onnxruntime.LoraAdapter`` from a path (a loaded adapter is returned as is); the file is
-    checked first as by :func:`read_adapter`."""
+    checked first as by :func:`read_adapter`. With ``model`` (as for :func:`write_adapter`) a file
+    that does not cover the model's sites at their exported ranks is conformed first
+    (:func:`conform`: absent sites as zeros, lower ranks padded) or refused."""
     import onnxruntime as ort
 
     if isinstance(adapter, ort.LoraAdapter):
@@ -114,7 +292,16 @@ def load_adapter(adapter):
     path = Path(adapter)
     if not path.is_file():
         raise AdapterError(f"no onnxruntime adapter file at {path}")
-    read_adapter(path)
+    tensors = read_adapter(path)
+    if model is not None:
+        fitted = conform(tensors, model)
+        if set(fitted) != set(tensors) or any(fitted[k].shape != tensors[k].shape for k in fitted):
+            with tempfile.TemporaryDirectory() as tmp:
+                file = Path(tmp) / path.name
+                _export(fitted, file)
+                loaded = ort.LoraAdapter()
+                loaded.Load(os.fspath(file))  # the adapter holds its tensors: the file may go
+                return loaded
     loaded = ort.LoraAdapter()
     try:
         loaded.Load(os.fspath(path))

@@ -76,6 +76,8 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic_shapes: Any = None,
     external_data: bool | None = None,
+    lora_rank: int | Mapping[str, int] | None = None,
+    kv_cache: bool | None = None,
 ) -> OnnxExport:
     """Export a :class:`~graphlora.LoraModel` (or a graphlora GraphModule) to ONNX at ``path``.
 
@@ -83,29 +85,55 @@ def export_onnx(
     ``"branch"`` (quantized base plus the LoRA branch as its own small MatMuls) or ``"inputs"``
     (LoRA weights as named graph inputs initialised with the active adapter, switchable at run
     time with onnxruntime adapters; see :func:`graphlora.onnx.write_adapter`).
+    ``lora_rank`` (``inputs`` only): the rank each site's inputs are exported at, an int for every
+    site or a mapping module path -> rank; by default the largest rank any adapter of the model
+    has there. Adapters of lower rank are zero-padded to it (exact), higher ones refused.
     ``dynamic_shapes`` follows ``torch.export``; by default every input dimension except the
     feature dimension of float inputs is dynamic and the first two are named ``batch`` and
     ``sequence``. ``external_data``: None = only when the model exceeds protobuf's 2 GB limit.
+    ``kv_cache``: export a causal LM as a decoder step with past/present key-value inputs and
+    outputs (:mod:`graphlora.onnx.decoder`; example inputs not needed); None = whenever the model
+    is a LoraModel of a transformers model that generates.
     Nothing is written unless the whole export succeeds.
     """
     _require_onnx()
     gm = _graph_module(model)
     check_lora_mode(lora)
-    if not isinstance(opset, int) or opset < 18:
-        raise ExportError(f"opset {opset!r} is not supported; graphlora exports opset 18..21 "
-                          "(int4/uint4 and int16 need 21, fp8 needs 19)")
-    if opset > DEFAULT_OPSET:
-        raise ExportError(f"opset {opset} is newer than graphlora's lowering (max {DEFAULT_OPSET})")
+    check_opset(opset)
+    from graphlora.onnx import decoder
+
+    if kv_cache or (kv_cache is None and decoder.is_causal_lm(model)):
+        step, args, shapes, name_io = decoder.decoder_step(model)
+        return export_graph(model, step, path, args, {}, lora=lora, opset=opset, dynamic_shapes=shapes,
+                            external_data=external_data, lora_rank=lora_rank, name_io=name_io)
     if not isinstance(example_args, tuple):
         example_args = (example_args,)
     example_kwargs = dict(example_kwargs or {})
     if not example_args and not example_kwargs:
         raise ExportError("export_onnx needs example inputs (example_args / example_kwargs), the "
                           "same structure the model was traced with")
+    return export_graph(model, gm, path, example_args, example_kwargs, lora=lora, opset=opset,
+                        dynamic_shapes=dynamic_shapes, external_data=external_data, lora_rank=lora_rank)
 
+
+def check_opset(opset: int) -> None:
+    if not isinstance(opset, int) or opset < 18:
+        raise ExportError(f"opset {opset!r} is not supported; graphlora exports opset 18..21 "
+                          "(int4/uint4 and int16 need 21, fp8 needs 19)")
+    if opset > DEFAULT_OPSET:
+        raise ExportError(f"opset {opset} is newer than graphlora's lowering (max {DEFAULT_OPSET})")
+
+
+def export_graph(model: nn.Module, gm: fx.GraphModule, path, example_args: tuple, example_kwargs: dict, *,
+                 lora: str, opset: int, dynamic_shapes: Any, external_data: bool | None,
+                 lora_rank: Any = None, name_io=None) -> OnnxExport:
+    """Steps 1-4 for ``gm`` (``model``'s graph for the example call); ``name_io(onnx_model)``
+    names the inputs, outputs and dynamic dims when the caller knows better."""
+    from graphlora.onnx.adapters import exported_ranks
     from graphlora.onnx.lowering import required_opset
 
-    prepared = prepare(gm, lora, record=_records(model))
+    ranks = exported_ranks(model, lora_rank) if lora == "inputs" else None
+    prepared = prepare(gm, lora, record=_records(model), lora_ranks=ranks)
     too_new = [(where, need) for where, need in required_opset(prepared.graph_module) if need > opset]
     if too_new:
         where, need = too_new[0]
@@ -121,6 +149,10 @@ def export_onnx(
     from graphlora.onnx.lowering import lower_model
 
     report = lower_model(onnx_model, opset=opset)
+    if lora == "inputs":
+        from graphlora.onnx.adapters import free_rank_dims
+
+        free_rank_dims(onnx_model, prepared.lora_inputs)
     if report.unfused:
         from graphlora.errors import GraphloraWarning
 
@@ -131,9 +163,12 @@ def export_onnx(
             "sites (accuracy_level=4 quantizes activations to int8 dynamically instead).",
             GraphloraWarning, stacklevel=2,
         )
-    if dynamic_shapes is None:
-        _name_dynamic_dims(onnx_model, example_args, example_kwargs, prepared.graph_module)
-    _name_outputs(onnx_model, prepared.graph_module)
+    if name_io is not None:
+        name_io(onnx_model)
+    else:
+        if dynamic_shapes is None:
+            _name_dynamic_dims(onnx_model, example_args, example_kwargs, prepared.graph_module)
+        _name_outputs(onnx_model, prepared.graph_module)
     _finalise(onnx_model, opset, lora, prepared)
     result = OnnxExport(
         path=Path(path), lora=lora, opset=opset, lora_inputs=prepared.lora_inputs,
@@ -373,7 +408,7 @@ def _finalise(model, opset: int, lora: str, prepared) -> None:
         model.metadata_props["graphlora.adapter"] = prepared.adapter
     if prepared.lora_inputs:
         model.metadata_props["graphlora.lora_inputs"] = json.dumps(
-            [{"name": i.name, "module_path": i.module_path, "which": i.which}
+            [{"name": i.name, "module_path": i.module_path, "which": i.which, "shape": list(i.shape)}
              for i in prepared.lora_inputs]
         )
 

@@ -55,23 +55,25 @@ def check_lora_mode(lora: str) -> None:
         raise ExportError(f"unknown lora mode {lora!r}; use one of {', '.join(LORA_MODES)}")
 
 
-def export_passes(lora: str) -> list[GraphPass]:
-    """The preparation passes of one ``lora=`` mode, in order."""
+def export_passes(lora: str, lora_ranks: dict[str, int] | None = None) -> list[GraphPass]:
+    """The preparation passes of one ``lora=`` mode, in order (``lora_ranks``: the exported rank
+    of each site in ``inputs`` mode)."""
     check_lora_mode(lora)
     passes: list[GraphPass] = []
     if lora == "merged":  # before the grid weights are stored: a merged one keeps its grid
         passes.append(MergeLoraForExportPass())
     passes.append(StoreGridWeightsPass())
     if lora == "inputs":
-        passes.append(LoraAsInputsPass())
+        passes.append(LoraAsInputsPass(ranks=dict(lora_ranks or {})))
     passes.append(PruneUnusedPass())
     return passes
 
 
-def prepare(gm: fx.GraphModule, lora: str, *, record: bool = False) -> PreparedGraph:
+def prepare(gm: fx.GraphModule, lora: str, *, record: bool = False,
+            lora_ranks: dict[str, int] | None = None) -> PreparedGraph:
     """A storage-sharing, eval-mode copy of ``gm`` prepared for ``lora`` mode (the passes'
     records in ``pass_log``, with graph texts when ``record``)."""
-    passes = export_passes(lora)
+    passes = export_passes(lora, lora_ranks)
     gm = share_storage_copy(gm)
     set_training_flags(gm, False)
     pipeline = PassPipeline(passes, record=record)

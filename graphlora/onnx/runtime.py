@@ -174,12 +174,15 @@ class InferenceSession(_ort().InferenceSession):
 
     def run_with_adapter(self, output_names, feeds: dict, adapter, run_options=None):
         """Run with an onnxruntime LoRA adapter (a path or a loaded ``onnxruntime.LoraAdapter``)
-        active; see :func:`graphlora.onnx.write_adapter`."""
+        active; see :func:`graphlora.onnx.write_adapter`. A file is conformed to this model's
+        LoRA sites first (absent sites zero, lower ranks padded) or refused with an
+        ``AdapterError``: never run mixed with the exported adapter."""
         from graphlora.onnx.adapters import load_adapter
 
         ort = _ort()
         options = run_options if run_options is not None else ort.RunOptions()
-        loaded = load_adapter(adapter)  # RunOptions does not own it: keep it alive for the run
+        model = self if self.get_modelmeta().custom_metadata_map.get("graphlora.lora_inputs") else None
+        loaded = load_adapter(adapter, model)  # RunOptions does not own it: keep it alive for the run
         options.add_active_adapter(loaded)
         try:
             return self.run(output_names, feeds, options)

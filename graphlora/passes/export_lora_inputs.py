@@ -2,7 +2,9 @@
 
 ``<site>.lora_A`` = ``A^T`` of shape ``(in, r)`` and ``<site>.lora_B`` = ``(scale * B)^T`` of
 shape ``(r, out)``: the scale is folded in, so an adapter is self-contained and ranks may differ
-between adapters. The weights are stored under ``graphlora_lora_inputs.<site>``; the ONNX export
+between adapters. Each pair is stored at the site's *exported rank* (``ranks``; by default the
+adapter's own), its extra A columns and B rows zero: ``x @ A^T @ B^T`` is unchanged by zero
+padding, so one graph serves every adapter whose rank at that site is at most the exported one. The weights are stored under ``graphlora_lora_inputs.<site>``; the ONNX export
 turns them into graph inputs initialised with the current adapter, and adapter files hold the
 same tensors under the same names (:mod:`graphlora.onnx.adapters`).
 """
@@ -34,6 +36,7 @@ class LoraInput:
     module_path: str
     which: str  # "lora_A" | "lora_B"
     rank_axis: int  # which axis is the LoRA rank (1 for lora_A, 0 for lora_B)
+    shape: tuple[int, int] = (0, 0)  # the exported shape: (in, rank) or (rank, out)
 
 
 def adapter_input_name(module_path: str, which: str) -> str:
@@ -53,6 +56,7 @@ class LoraAsInputsPass(ExportPass):
 
     lora_inputs: list[LoraInput] = field(default_factory=list)
     adapter: str | None = None
+    ranks: dict[str, int] = field(default_factory=dict)  # module path ("*": any) -> exported rank
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         branches = find_branches(gm)
@@ -102,11 +106,19 @@ class LoraAsInputsPass(ExportPass):
     def _store(self, gm: fx.GraphModule, path: str, a: torch.Tensor, b: torch.Tensor,
                scale: float) -> tuple[str, str]:
         names = []
+        rank = a.shape[0]
+        target = int(self.ranks.get(path, self.ranks.get("*", rank)))
+        if target < rank:
+            raise ExportError(f"lora='inputs': the exported rank {target} at {path!r} is below the "
+                              f"active adapter's rank {rank}; export with a rank of at least {rank}")
+        if target > rank:  # zero rows of A and columns of B add nothing to x @ A^T @ B^T
+            a = torch.cat([a, a.new_zeros(target - rank, a.shape[1])], 0)
+            b = torch.cat([b, b.new_zeros(b.shape[0], target - rank)], 1)
         for which, value, rank_axis in zip(("lora_A", "lora_B"), input_layout(a, b, scale), (1, 0)):
             buffer = ".".join(p for p in (LORA_INPUT_ROOT, path, which) if p)
             set_tensor(gm, buffer, value, parameter=False)
             name = adapter_input_name(path, which)
-            self.lora_inputs.append(LoraInput(name, buffer, path, which, rank_axis))
+            self.lora_inputs.append(LoraInput(name, buffer, path, which, rank_axis, tuple(value.shape)))
             names.append(buffer)
         return names[0], names[1]
 

@@ -10,9 +10,10 @@ the batch has many tokens. Autograd through that form would compute the full wei
 
 Per site that saves two small GEMMs and two elementwise passes over the activations, in forward
 and backward — but building the effective weight is itself a pass over ``in * out`` elements, so
-it pays only for many tokens. The op decides per call from the rows it is given
-(:func:`fusion_pays`), so a one-token decode step runs the branch as the canonical graph does and a
-training batch of thousands of tokens the one GEMM; ``always=True`` forces the effective weight. Like sibling fusion this is an *execution* rewrite, applied to the copy of the graph
+it pays only for many tokens. A fused site is therefore a call of :func:`lora_linear_or_branch`,
+which decides per call from the rows it is given (:func:`fusion_pays`): a one-token decode step
+runs the canonical graph's own ops, a training batch of thousands of tokens the one GEMM.
+Like sibling fusion this is an *execution* rewrite, applied to the copy of the graph
 :class:`~graphlora.LoraModel` runs, never to the canonical graph. Sites with LoRA dropout are left
 alone (dropout applies to the branch's input only, which the effective weight cannot express),
 and so are mixed-precision branches (float32 factors on a half-precision base), whose base and
@@ -51,14 +52,6 @@ def fusion_pays(rows: int, in_features: int, out_features: int, rank: int) -> bo
     return saved > spent
 
 
-def _rows(x: torch.Tensor) -> int:
-    return x.numel() // max(1, x.shape[-1])
-
-
-def _effective_pays(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, always: bool) -> bool:
-    return always or fusion_pays(_rows(x), weight.shape[1], weight.shape[0], lora_a.shape[0])
-
-
 @torch.library.custom_op("graphlora::lora_linear", mutates_args=())
 def lora_linear(
     x: torch.Tensor,
@@ -67,13 +60,31 @@ def lora_linear(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
+) -> torch.Tensor:
+    """``linear(x, weight, bias) + scale * linear(linear(x, lora_a), lora_b)``, in one GEMM."""
+    effective = _effective_weight(weight, lora_a, lora_b, scale)
+    return torch.nn.functional.linear(x, effective, bias)
+
+
+LORA_LINEAR = torch.ops.graphlora.lora_linear.default
+
+
+def lora_linear_or_branch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
     always: bool = False,
 ) -> torch.Tensor:
-    """``linear(x, weight, bias) + scale * linear(linear(x, lora_a), lora_b)``: one GEMM with the
-    effective weight where that pays (:func:`fusion_pays`) or ``always``, else op for op."""
-    if _effective_pays(x, weight, lora_a, always):
-        effective = _effective_weight(weight, lora_a, lora_b, scale)
-        return torch.nn.functional.linear(x, effective, bias)
+    """What a fused site runs: ``graphlora::lora_linear`` where the effective weight pays for this
+    call's rows (:func:`fusion_pays`) or ``always``, else the canonical graph's own ops with
+    autograd's own backward, so a few-token call costs what the canonical graph costs (not even
+    an op dispatch more). A plain function, not an op: the choice is made per call, eagerly."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if always or fusion_pays(rows, weight.shape[1], weight.shape[0], lora_a.shape[0]):
+        return LORA_LINEAR(x, weight, bias, lora_a, lora_b, scale)
     linear = torch.nn.functional.linear
     return linear(x, weight, bias) + scale * linear(linear(x, lora_a), lora_b)
 
@@ -87,35 +98,32 @@ def _effective_weight(weight, lora_a, lora_b, scale):
 
 
 @lora_linear.register_fake
-def _(x, weight, bias, lora_a, lora_b, scale, always=False):
+def _(x, weight, bias, lora_a, lora_b, scale):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _setup(ctx, inputs, output):
-    x, weight, _, lora_a, lora_b, scale = inputs[:6]
+    x, weight, _, lora_a, lora_b, scale = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b)
     ctx.scale = scale
-    ctx.effective = _effective_pays(x, weight, lora_a, bool(inputs[6]) if len(inputs) > 6 else False)
 
 
 def _backward(ctx, grad):
     x, weight, lora_a, lora_b = ctx.saved_tensors
     s = ctx.scale
-    need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     dx = dbias = da = db = None
-    if need_x and ctx.effective:
+    if need_x:
         dx = (g2 @ _effective_weight(weight, lora_a, lora_b, s)).reshape(x.shape)
-    elif need_x:  # the branch's dx as the canonical graph computes it
-        dx = (g2 @ weight + s * ((g2 @ lora_b) @ lora_a)).reshape(x.shape)
     if need_bias:
         dbias = g2.sum(0)
     if need_b:
         db = (g2.t() @ (x2 @ lora_a.t())) * s
     if need_a:
         da = ((g2 @ lora_b).t() @ x2) * s
-    return dx, None, dbias, da, db, None, None
+    return dx, None, dbias, da, db, None
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup)
@@ -139,7 +147,8 @@ def _fusable(br: LoraBranch) -> bool:
 
 
 class FuseLoraLinearPass(GraphPass):
-    """Replace ``base linear + LoRA branch + add`` by one ``graphlora::lora_linear`` node."""
+    """Replace ``base linear + LoRA branch + add`` by one :func:`lora_linear_or_branch` call
+    (``always``: fused at every size)."""
 
     def __init__(self, always: bool = False) -> None:
         super().__init__()
@@ -155,7 +164,7 @@ class FuseLoraLinearPass(GraphPass):
             bias = base.args[2] if len(base.args) > 2 else None
             with gm.graph.inserting_before(add):
                 fused = gm.graph.call_function(
-                    torch.ops.graphlora.lora_linear.default,
+                    lora_linear_or_branch,
                     (x, weight, bias, br.a.args[1], br.b.args[1], br.scale.args[1], self.always),
                 )
             fused.meta.update(add.meta)

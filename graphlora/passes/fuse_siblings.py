@@ -26,10 +26,15 @@ import torch.fx as fx
 
 from graphlora import meta
 from graphlora.passes.base import GraphPass, PassResult
-from graphlora.passes.fuse_lora import ACTIVATION_PASS_COST, WEIGHT_PASS_COST, fusion_pays
+from graphlora.passes.fuse_lora import (
+    ACTIVATION_PASS_COST,
+    LORA_LINEAR,
+    WEIGHT_PASS_COST,
+    fusion_pays,
+    lora_linear_or_branch,
+)
 
 aten = torch.ops.aten
-LORA_LINEAR = torch.ops.graphlora.lora_linear.default
 
 
 def _plain_linear(node: fx.Node) -> bool:
@@ -69,15 +74,16 @@ def sibling_lora_linears(x: torch.Tensor, weights: list, biases: list | None, lo
                          scales: list, always: bool = False) -> tuple:
     """Siblings with LoRA branches: one ``lora_linear`` over the concatenated base weights, the
     stacked ``A`` matrices and a block-diagonal ``B`` (each block pre-scaled) where that pays,
-    else one ``lora_linear`` each (which decides for itself)."""
+    else each site as :func:`~graphlora.passes.fuse_lora.lora_linear_or_branch` (which decides
+    for itself)."""
     sizes = [w.shape[0] for w in weights]
     rank = sum(a.shape[0] for a in lora_as)
     if always or siblings_pay(_rows_of(x), x.shape[-1], sizes, rank):
         bias = torch.cat(biases) if biases is not None else None
         block = torch.block_diag(*(b * s for b, s in zip(lora_bs, scales)))
-        fused = LORA_LINEAR(x, torch.cat(weights), bias, torch.cat(lora_as), block, 1.0, True)
+        fused = LORA_LINEAR(x, torch.cat(weights), bias, torch.cat(lora_as), block, 1.0)
         return fused.split(sizes, -1)
-    return tuple(LORA_LINEAR(x, w, None if biases is None else bias, a, b, s, always)
+    return tuple(lora_linear_or_branch(x, w, None if biases is None else bias, a, b, s, always)
                  for w, bias, a, b, s in zip(weights, biases or weights, lora_as, lora_bs, scales))
 
 
@@ -105,7 +111,7 @@ class FuseSiblingLinearsPass(GraphPass):
             groups[(node.args[0], kind, has_bias)].append(node)
         lora_groups: dict[tuple, list[fx.Node]] = defaultdict(list)
         for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target == LORA_LINEAR:
+            if node.op == "call_function" and node.target is lora_linear_or_branch:
                 lora_groups[(node.args[0], node.args[2] is not None)].append(node)
         modified = False
         for (x, _, has_bias), nodes in groups.items():
