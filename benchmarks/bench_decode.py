@@ -4,7 +4,11 @@ A Llama built from a config (random weights), LoRA r16 on q/k/v/o with non-zero 
 peer is what a user ships without graphlora: the LoRA delta merged into the weights
 (``save_pretrained(save_adapters_separately=False)`` loaded by ``LlamaForCausalLM.from_pretrained``),
 generating with transformers' default cache; transformers with its static cache is printed too.
-The QLoRA row is graphlora with an NF4 base (group 64) against the same merged float model.
+The QLoRA rows are graphlora with an NF4 base (group 64, every linear of the blocks, as
+bitsandbytes quantizes them) with its defaults and with ``cache_dequantized_weights=True``,
+against PEFT + bitsandbytes nf4 on the same weights (``BitsAndBytesConfig(load_in_4bit=True,
+bnb_4bit_quant_type="nf4")``, the same LoRA factors, transformers' ``generate()``), when
+bitsandbytes is installed.
 
 Per-token decode latency at a context of C tokens: a greedy ``generate`` of ``1 + N`` new tokens
 minus one of 1 new token (the prefill and the first token), divided by N, so the prompt's
@@ -36,21 +40,45 @@ def _base(layers: int, hidden: int, vocab: int):
     return LlamaForCausalLM(cfg).eval()
 
 
-def _lora(base, **quant):
+def _lora(base, cache: bool = False, **quant):
     import torch
 
     import graphlora
-    from graphlora import LoraRule
+    from graphlora import LoraRule, QuantRule
 
+    rules = [LoraRule(r".*(q|k|v|o)_proj", rank=16, alpha=32.0, **quant)]
+    if quant:  # the MLP's linears too, as bitsandbytes quantizes every linear but lm_head
+        rules.append(QuantRule(r".*(gate|up|down)_proj", **quant))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lm = graphlora.transform(base, [LoraRule(r".*(q|k|v|o)_proj", rank=16, alpha=32.0, **quant)],
-                                 (torch.zeros(1, 16, dtype=torch.long),))
+        lm = graphlora.transform(base, rules, (torch.zeros(1, 16, dtype=torch.long),), progress=False)
+    lm.cache_dequantized_weights = cache
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in lm.lora_parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     return lm.eval()
+
+
+def _peft_bnb(base, lm):
+    """PEFT + bitsandbytes nf4 on the same weights, with graphlora's LoRA factors (PEFT names)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base.save_pretrained(tmp)
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(tmp, quantization_config=q, device_map="cpu", dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    own = dict(lm.lora_state_dict())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                key = name.replace("base_model.model.", "").replace(".default", "")
+                p.copy_(own[key])
+    return model.eval()
 
 
 def _generate_s(model, ids, new: int, **options) -> float:
@@ -85,6 +113,13 @@ def run(rounds: int = 5, new: int = 16, layers: int = 12, hidden: int = 768, voc
     }
     if qlora:
         systems["graphlora_qlora_nf4"] = (_lora(base, weight_qtype="nf4", group_size=64), {})
+        systems["graphlora_qlora_nf4_cached"] = (_lora(base, cache=True, weight_qtype="nf4", group_size=64), {})
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            systems["peft_bnb_nf4"] = (_peft_bnb(base, systems["graphlora_qlora_nf4"][0]), {})
     gen = torch.Generator().manual_seed(3)
     prompts = {c: torch.randint(1, vocab, (1, c), generator=gen) for c in CONTEXTS}
     equal = {}
@@ -118,6 +153,10 @@ def run(rounds: int = 5, new: int = 16, layers: int = 12, hidden: int = 768, voc
         result[f"lora_ratio_{c}"] = result[f"graphlora_lora_ms_per_token_{c}"] / peer
         if qlora:
             result[f"qlora_ratio_{c}"] = result[f"graphlora_qlora_nf4_ms_per_token_{c}"] / peer
+            if "peft_bnb_nf4" in systems:
+                bnb = result[f"peft_bnb_nf4_ms_per_token_{c}"]
+                for name in ("graphlora_qlora_nf4", "graphlora_qlora_nf4_cached"):
+                    result[f"{name}_over_peft_bnb_{c}"] = result[f"{name}_ms_per_token_{c}"] / bnb
     result["systems"] = list(systems)
     return result
 
@@ -143,6 +182,10 @@ def main() -> None:
         if f"{kind}_ratio_32" in result:
             print(f"{kind} / transformers merged (goal <= 1.0): "
                   + ", ".join(f"context {c}: {result[f'{kind}_ratio_{c}']:.2f}" for c in CONTEXTS))
+    for name in ("graphlora_qlora_nf4", "graphlora_qlora_nf4_cached"):
+        if f"{name}_over_peft_bnb_32" in result:
+            print(f"{name} / PEFT + bitsandbytes nf4 (goal <= 1.0): "
+                  + ", ".join(f"context {c}: {result[f'{name}_over_peft_bnb_{c}']:.2f}" for c in CONTEXTS))
     print(json.dumps(result))
 
 

@@ -58,6 +58,7 @@ def benchmarks() -> dict:
     import bench_onnx
     import bench_quant
     import bench_qlora_memory
+    import bench_qlora_speed
     import bench_qw_lora
     import bench_trace_8b
 
@@ -75,6 +76,8 @@ def benchmarks() -> dict:
         # each configuration in a fresh subprocess; PEFT + bitsandbytes in GRAPHLORA_BNB_PYTHON's venv
         "qlora_memory": lambda: bench_qlora_memory.run(
             bnb_python=os.environ.get("GRAPHLORA_BNB_PYTHON", bench_qlora_memory.DEFAULT_BNB_PYTHON)),
+        # PEFT + bitsandbytes rows only where bitsandbytes (>= 0.48, CPU backend) is installed
+        "qlora_speed": bench_qlora_speed.run,
         "decoder_onnx": bench_decoder_onnx.run,
         "fusion": bench_fusion.run,
     }
@@ -176,6 +179,11 @@ def render(m: dict, results: dict) -> str:
                        + " | ".join(_f(r[f"{name}_ms_per_token_{c}"], 2) for c in contexts) + " |")
         out += ["", "graphlora LoRA / transformers merged (goal <= 1.0): "
                 + ", ".join(f"context {c} **{_f(r[f'lora_ratio_{c}'], 2)}**" for c in contexts) + ".", ""]
+        for name in ("graphlora_qlora_nf4", "graphlora_qlora_nf4_cached"):
+            if f"{name}_over_peft_bnb_{contexts[0]}" in r:
+                out += [f"{name.replace('_', ' ')} / PEFT + bitsandbytes nf4 (goal <= 1.0): "
+                        + ", ".join(f"context {c} **{_f(r[f'{name}_over_peft_bnb_{c}'], 2)}**" for c in contexts)
+                        + ".", ""]
     r = results.get("qlora_memory")
     if r and "error" not in r:
         import bench_qlora_memory
@@ -254,6 +262,9 @@ def render(m: dict, results: dict) -> str:
     r = results.get("gptq_depth")
     if r and "error" not in r:
         out += render_gptq_depth(r)
+    r = results.get("qlora_speed")
+    if r and "error" not in r:
+        out += render_qlora_speed(r)
     r = results.get("onnx")
     if r and "error" not in r:
         out += ["## ONNX export vs onnxruntime's own quantization tools (MiniLM, batch 8 x 64)", ""]
@@ -306,6 +317,20 @@ def render_gptq_depth(r: dict) -> list[str]:
             out.append(f"| graphlora, wave schedule (GPTQ pass, once) | {_f(p['graphlora_waves_gptq_pass_s'], 1)} | "
                        f"{_f(p['graphlora_waves_cosine'], 4)} |")
         out.append("")
+    return out
+
+
+def render_qlora_speed(r: dict) -> list[str]:
+    """QLoRA forward latency per shape, and the ratios to PEFT + bitsandbytes and to fp32."""
+    out = [f"## QLoRA forward vs PEFT + bitsandbytes nf4 ({r['shape']})", "",
+           f"Milliseconds per forward, medians of {r['rounds']} interleaved rounds ({r['prefill_rounds']} at "
+           "4x512); `cached` is `cache_dequantized_weights=True`.", ""]
+    out += _table(["ms"] + r["shapes"], ([name.replace("_", " ")] + [_f(r[f"{name}_ms_{s}"], 1) for s in r["shapes"]]
+                                        for name in r["systems"]))
+    rows = [(f"{name.replace('_', ' ')} / {peer.replace('_', ' ')}", [_f(r[f"{name}_over_{peer}_{s}"], 2) for s in r["shapes"]])
+            for peer in ("peft_bnb_nf4", "fp32") for name in r["systems"]
+            if name.startswith("graphlora") and f"{name}_over_{peer}_{r['shapes'][0]}" in r]
+    out += _table(["ratio"] + r["shapes"], ([label] + cells for label, cells in rows))
     return out
 
 

@@ -12,7 +12,9 @@ branches, quantized weights, gated adapters), so each new token costs one token 
 They run unfused, and in eval mode under ``no_grad`` (as ``generate`` runs) with the active
 adapters merged into their weights once per change of the LoRA weights
 (:func:`merged_for_decoding`): a decoded token costs what it costs the merged model. A quantized
-base and a mixed-adapter batch keep their branches.
+base keeps its branches and dequantizes per token unless ``cache_dequantized_weights`` is on
+(then it is dequantized and merged once, like a float base); a mixed-adapter batch keeps its
+branches.
 
 ``adapter_names=[...]`` (one adapter per prompt, ``"__base__"`` for none) generates each row with
 its own adapter, as PEFT's mixed-adapter ``generate``.
@@ -119,40 +121,53 @@ def full_attention_layers(cache: Any, length: int) -> Any:
 
 
 def merged_for_decoding(model: Any, entry: Any, gm: Any) -> Any:
-    """The module a KV-cache graph runs as under ``torch.no_grad()`` in eval mode: a copy with the
-    active adapters merged into the weights (``W + s B A``, computed once, not per token), so a
-    decoded token costs what it costs the merged model. It is rebuilt when a LoRA weight changes
-    (training, ``load_lora_state_dict``: tracked by the tensors' versions) or the graph does, and
-    holds one extra copy of the adapted weights while it lives. None (run the graph as it is)
-    for a mixed-adapter batch, a quantized base (merging would dequantize it: the memory
-    QLoRA saves), gradients, training mode or ``fused_execution=False`` (op for op)."""
+    """The module a graph runs as under ``torch.no_grad()`` in eval mode, made once and reused:
+    a storage-sharing copy with the active adapters merged into the weights (``W + s B A``,
+    computed once, not per token), so a decoded token costs what it costs the merged model, and
+    with :attr:`~graphlora.LoraModel.cache_dequantized_weights` every quantized weight
+    dequantized once (:mod:`graphlora.passes.dequant_cache`). It is rebuilt when a LoRA weight
+    or a quantized buffer changes (training, ``load_lora_state_dict``: tracked by the tensors'
+    versions) or the graph does, and holds one extra float copy of the weights it merged or
+    dequantized while it lives. None (run the graph as it is) for gradients, training mode,
+    activation quantizers, a quantized base without the cache switch (merging would dequantize
+    it: the memory QLoRA saves), and nothing to do. A mixed-adapter batch or
+    ``fused_execution=False`` (op for op) is not merged: only dequantized once (bit for bit)."""
     import torch
 
-    if (entry.adapters is not None or torch.is_grad_enabled() or model.training or not model.fused_execution
-            or not model.active_adapters):
+    cache_quantized = bool(getattr(model, "cache_dequantized_weights", False))
+    if torch.is_grad_enabled() or model.training:
         return None
+    merge = entry.adapters is None and model.fused_execution and bool(model.active_adapters)
     cached = entry._executables.get("merged_for_decoding")
-    if cached is None or cached[0] is not gm._code:
+    if cached is None or cached[0] is not gm._code or cached[1] != (merge, cache_quantized):
         from graphlora import meta
 
-        quantized = any(meta.role(n) in ("dequant", "fake_quant", "observer") for n in gm.graph.nodes)
-        params = [] if quantized else [p for name in model.active_adapters for p in model.lora_parameters(name)]
-        cached = (gm._code, quantized, params, None, None)
-    code, quantized, params, versions, module = cached
-    if quantized:
+        roles = {meta.role(n) for n in gm.graph.nodes}
+        quantized = "dequant" in roles
+        usable = not roles & {"fake_quant", "observer"} and (cache_quantized or not quantized) and (
+            merge or quantized)
+        params = [p for name in model.active_adapters for p in model.lora_parameters(name)] if merge else []
+        if quantized:
+            params += [t for name, t in gm.named_buffers() if name.startswith("graphlora_quant.")]
+        cached = (gm._code, (merge, cache_quantized), usable, params, None, None)
+    code, flags, usable, params, versions, module = cached
+    if not usable:
         entry._executables["merged_for_decoding"] = cached
         return None
     now = tuple(p._version for p in params)
     if module is None or versions != now:
         from graphlora.graph_utils import share_storage_copy
+        from graphlora.passes.dequant_cache import DequantizeOncePass
         from graphlora.passes.merge_lora import MergeLoraPass
 
         module = share_storage_copy(gm)
-        MergeLoraPass({name: model._adapters[name] for name in model.active_adapters})(module)
+        if merge:
+            MergeLoraPass({name: model._adapters[name] for name in model.active_adapters})(module)
+        DequantizeOncePass()(module)  # what merging left quantized (sites without LoRA)
         module.graph.lint()
         module.recompile()
-        _share_merged(model, gm, module, (tuple(model.active_adapters), now))
-    entry._executables["merged_for_decoding"] = (code, quantized, params, now, module)
+        _share_merged(model, gm, module, (tuple(model.active_adapters), merge, now))
+    entry._executables["merged_for_decoding"] = (code, flags, usable, params, now, module)
     return module
 
 

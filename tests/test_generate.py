@@ -127,7 +127,7 @@ def test_each_new_token_runs_the_decode_graph_on_one_token(llama):
     assert all(state[0][0] is keys for _, _, state in calls)  # one cache, updated in place
     assert "input_ids=<int64[2x1]>" in decode.call
     # in eval mode both run with the adapter merged into the weights: one merged copy, shared
-    runs = [dict(e._executables["merged_for_decoding"][4].state_dict(keep_vars=True)) for e in (prefill, decode)]
+    runs = [dict(e._executables["merged_for_decoding"][-1].state_dict(keep_vars=True)) for e in (prefill, decode)]
     own = {id(t) for t in decode.graph_module.state_dict(keep_vars=True).values()}
     merged = {n: t for n, t in runs[1].items() if id(t) not in own}
     assert len(merged) == 4 and all(runs[0][n] is t for n, t in merged.items())  # q_proj, v_proj of 2 layers

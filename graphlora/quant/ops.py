@@ -60,8 +60,8 @@ from collections.abc import Sequence
 import torch
 
 from graphlora.errors import QuantizationError
-from graphlora.quant import affine
-from graphlora.quant.packing import _unpack, packed_length
+from graphlora.quant import affine, lookup
+from graphlora.quant.packing import packed_length
 
 NAMESPACE = "graphlora"
 
@@ -171,10 +171,6 @@ def _check_packed(packed: torch.Tensor, shape: Sequence[int], axis: int, op: str
     return axis, c, k
 
 
-def _param_axis(p: torch.Tensor) -> int | None:
-    return None if p.dim() == 0 else 0
-
-
 @_op(
     "dequantize_packed4",
     "(Tensor packed, Tensor scale, Tensor? zero_point, int[] shape, int axis, int? block_size, "
@@ -191,8 +187,7 @@ def dequantize_packed4(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     axis, c, k = _check_packed(packed, shape, axis, "dequantize_packed4")
-    codes = _unpack(packed, k, signed)
-    w = affine.dequantize_affine(codes, scale, zero_point, _param_axis(scale), block_size, dtype)
+    w = lookup.dequantize_int4_packed(packed, scale, zero_point, k, block_size, signed, dtype)
     return affine.from_canonical(w, shape, axis)
 
 
@@ -216,8 +211,7 @@ def dequantize_nf4(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     axis, c, k = _check_packed(packed, shape, axis, "dequantize_nf4")
-    codes = _unpack(packed, k, False)
-    w = affine.dequantize_nf4(codes, absmax, _param_axis(absmax), block_size, dtype)
+    w = lookup.dequantize_nf4_packed(packed, absmax, k, block_size, dtype)
     return affine.from_canonical(w, shape, axis)
 
 
@@ -254,8 +248,7 @@ def dequantize_nf4_dq(
 ) -> torch.Tensor:
     axis, c, k = _check_packed(packed, shape, axis, "dequantize_nf4_dq")
     absmax = dequantize_double_quant(absmax_q, absmax_scale, absmax_mean, absmax_block_size)
-    codes = _unpack(packed, k, False)
-    w = affine.dequantize_nf4(codes, absmax, _param_axis(absmax), block_size, dtype)
+    w = lookup.dequantize_nf4_packed(packed, absmax, k, block_size, dtype)
     return affine.from_canonical(w, shape, axis)
 
 
