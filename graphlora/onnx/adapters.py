@@ -229,8 +229,6 @@ def write_adapter(
     ``model``: the export the file is for (path, :class:`OnnxExport`, session); the file then
     covers exactly its sites (:func:`conform`), so plain onnxruntime can never run it mixed.
     """
-    import onnxruntime as ort
-
     if isinstance(source, Mapping):
         tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in source.items()}
     else:
@@ -240,19 +238,20 @@ def write_adapter(
     if not tensors:
         raise ExportError("the adapter has no LoRA tensors to write")
     path = Path(path)
+    fmt = _adapter_format(tensors, adapter_version, model_version)
     with atomic_path(path) as tmp:
-        _export(tensors, tmp, adapter_version, model_version)
+        fmt.export_adapter(os.fspath(tmp))
     return path
 
 
-def _export(tensors: Mapping[str, np.ndarray], path, adapter_version: int = 1, model_version: int = 1) -> None:
+def _adapter_format(tensors: Mapping[str, np.ndarray], adapter_version: int = 1, model_version: int = 1):
     import onnxruntime as ort
 
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(int(adapter_version))
     fmt.set_model_version(int(model_version))
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in tensors.items()})
-    fmt.export_adapter(os.fspath(path))
+    return fmt
 
 
 def read_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -296,11 +295,12 @@ def load_adapter(adapter, model: Any = None):
     if model is not None:
         fitted = conform(tensors, model)
         if set(fitted) != set(tensors) or any(fitted[k].shape != tensors[k].shape for k in fitted):
-            with tempfile.TemporaryDirectory() as tmp:
-                file = Path(tmp) / path.name
-                _export(fitted, file)
+            with tempfile.TemporaryDirectory() as tmp:  # onnxruntime loads adapters from files only
+                fmt = _adapter_format(fitted)
+                with atomic_path(Path(tmp) / path.name) as file:
+                    fmt.export_adapter(os.fspath(file))
                 loaded = ort.LoraAdapter()
-                loaded.Load(os.fspath(file))  # the adapter holds its tensors: the file may go
+                loaded.Load(os.fspath(Path(tmp) / path.name))  # the adapter holds its tensors: the file may go
                 return loaded
     loaded = ort.LoraAdapter()
     try:

@@ -16,13 +16,14 @@ config sets ``past_present_share_buffer: false``. The session's provider follows
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from graphlora.errors import ExportError
-from graphlora.io.atomic import atomic_write
+from graphlora.io.atomic import atomic_directory, atomic_write
 
 __all__ = ["genai_config", "write_genai"]
 
@@ -93,11 +94,15 @@ def write_genai(model: Any, directory: str | os.PathLike, *, lora: str = "merged
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ExportError(f"{directory} is a file; give a directory for the onnxruntime-genai export")
-    directory.mkdir(parents=True, exist_ok=True)
     config = genai_config(model, providers=providers, context_length=context_length)
-    result = export_onnx(model, directory / MODEL_NAME, lora=lora, kv_cache=True, **export_options)
-    with atomic_write(directory / CONFIG_NAME, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(config, indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(os.fspath(directory))
-    return result
+    # the decoder, its config and the tokenizer land together or not at all; other files a user
+    # keeps in the directory are carried over
+    with atomic_directory(directory, overwrite=True, keep=lambda name: True) as staging:
+        result = export_onnx(model, staging / MODEL_NAME, lora=lora, kv_cache=True, **export_options)
+        with atomic_write(staging / CONFIG_NAME, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.fspath(staging))
+    external = result.external_data
+    return dataclasses.replace(result, path=directory / MODEL_NAME,
+                               external_data=None if external is None else directory / external.name)
