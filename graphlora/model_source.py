@@ -25,7 +25,7 @@ from graphlora.errors import AdapterError, GraphloraError, InputError, UnsafeFil
 if TYPE_CHECKING:
     import torch.nn as nn
 
-__all__ = ["LoadedModel", "calibration_batches", "load_model"]
+__all__ = ["LoadedModel", "calibration_batches", "load_model", "load_tokenizer"]
 
 #: Sentences tokenized as example inputs when MODEL is a transformers directory with a tokenizer.
 EXAMPLE_SENTENCES = (
@@ -123,6 +123,13 @@ def _load_transformers_dir(path: Path, allow_pickle: bool = False) -> LoadedMode
     args, kwargs = _transformers_example_inputs(model, tokenizer)
     what = "tokenized example sentences" if tokenizer is not None else f"input_ids {FALLBACK_INPUT_SHAPE}"
     return LoadedModel(model, args, kwargs, tokenizer, f"{type(model).__name__} from {path} ({what})")
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer in directory ``path`` (no remote code), or None when it has none."""
+    import transformers
+
+    return _load_tokenizer(transformers, Path(path))
 
 
 def _load_tokenizer(transformers: Any, path: Path) -> Any:

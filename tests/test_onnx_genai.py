@@ -58,3 +58,25 @@ def test_onnxruntime_genai_generates_the_lora_models_tokens(llama, tmp_path):
         want = llama.generate(input_ids=prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                               pad_token_id=0)[0].numpy()
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow  # a decoder export
+def test_the_generate_command_runs_a_genai_directory_with_plain_onnxruntime(llama, tmp_path, capsys):
+    """``graphlora generate DIR --ids ...`` prints the LoraModel's greedy new tokens; bad input is
+    one line on stderr with exit status 2."""
+    from graphlora import cli
+
+    write_genai(llama, tmp_path / "genai", lora="branch")
+    prompt = ids(1, 6, 128, seed=22)
+    with torch.no_grad():
+        want = llama.generate(input_ids=prompt, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                              eos_token_id=llama.config.eos_token_id)[0, 6:].tolist()
+    argv = ["generate", str(tmp_path / "genai"), "--ids", ",".join(map(str, prompt[0].tolist())),
+            "--max-new-tokens", "5", "--json", "--no-progress"]
+    assert cli.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {"ids": want, "text": None}
+    assert cli.main(["generate", str(tmp_path / "genai"), "--prompt", "hello", "--no-progress"]) == 2
+    assert "tokenizer" in capsys.readouterr().err
+    assert cli.main(["generate", str(tmp_path / "nowhere"), "--ids", "1,2"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -18,12 +18,13 @@ tracing.
 
 The modules: :mod:`~graphlora.cli.app` (registry, parser, ``main``, error handling), one module per
 group of commands (:mod:`~graphlora.cli.diff`: diff, graph-text; :mod:`~graphlora.cli.inspection`:
-inspect; :mod:`~graphlora.cli.transform`: transform, export; :mod:`~graphlora.cli.demo`: demo) and
+inspect; :mod:`~graphlora.cli.transform`: transform, export; :mod:`~graphlora.cli.demo`: demo;
+:mod:`~graphlora.cli.generate`: generate) and
 :mod:`~graphlora.cli.model_options`, the MODEL/RULES arguments the model commands share. Importing
 this package registers the commands, in the order ``--help`` lists them.
 """
 
 from graphlora.cli.app import Subcommand, build_parser, main, subcommand
-from graphlora.cli import diff, inspection, transform, demo  # noqa: F401, E402 - registers the subcommands
+from graphlora.cli import diff, inspection, transform, demo, generate  # noqa: F401, E402 - registers the subcommands
 
 __all__ = ["Subcommand", "build_parser", "main", "subcommand"]
