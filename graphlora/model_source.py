@@ -25,7 +25,7 @@ from graphlora.errors import AdapterError, GraphloraError, InputError, UnsafeFil
 if TYPE_CHECKING:
     import torch.nn as nn
 
-__all__ = ["LoadedModel", "calibration_batches", "load_model", "load_tokenizer"]
+__all__ = ["LoadedModel", "calibration_batches", "config_and_class", "load_model", "load_tokenizer"]
 
 #: Sentences tokenized as example inputs when MODEL is a transformers directory with a tokenizer.
 EXAMPLE_SENTENCES = (
@@ -106,13 +106,7 @@ def _load_transformers_dir(path: Path, allow_pickle: bool = False) -> LoadedMode
             f"{path}: its weights are pickled (*.bin), which can run code when loaded; convert them to "
             "safetensors, or pass allow_pickle=True (the CLI: --allow-pickle) if you trust the files"
         )
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except Exception as exc:
-        raise AdapterError(f"{path}: cannot read config.json: {_first_line(exc)}") from exc
-    architectures = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
-    cls = cls if cls is not None else transformers.AutoModel
+    config, cls = config_and_class(path, transformers.AutoModel)
     try:
         model = cls.from_pretrained(
             path, local_files_only=True, trust_remote_code=False, use_safetensors=None if allow_pickle else True
@@ -123,6 +117,20 @@ def _load_transformers_dir(path: Path, allow_pickle: bool = False) -> LoadedMode
     args, kwargs = _transformers_example_inputs(model, tokenizer)
     what = "tokenized example sentences" if tokenizer is not None else f"input_ids {FALLBACK_INPUT_SHAPE}"
     return LoadedModel(model, args, kwargs, tokenizer, f"{type(model).__name__} from {path} ({what})")
+
+
+def config_and_class(path: Path, fallback: Any) -> tuple[Any, Any]:
+    """A transformers directory's config (no remote code) and the class its ``architectures``
+    names, or ``fallback`` when it names none that transformers has."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise AdapterError(f"{path}: cannot read config.json: {_first_line(exc)}") from exc
+    architectures = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    return config, (cls if cls is not None else fallback)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:

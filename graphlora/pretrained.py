@@ -19,6 +19,7 @@ import torch
 
 from graphlora.errors import AdapterError, InputError, require
 from graphlora.model import LoraModel
+from graphlora.model_source import config_and_class
 from graphlora.pipeline import transform
 from graphlora.rules import QuantRule
 
@@ -32,14 +33,7 @@ def meta_model_from_config(directory: str | os.PathLike, *, dtype: torch.dtype |
     root = Path(directory)
     if not (root / "config.json").is_file():
         raise AdapterError(f"{root}: no config.json, so not a transformers model directory")
-    try:
-        config = transformers.AutoConfig.from_pretrained(root, local_files_only=True, trust_remote_code=False)
-    except Exception as exc:
-        raise AdapterError(f"{root}: cannot read config.json: {str(exc).strip().splitlines()[0]}") from exc
-    names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
-        cls = transformers.AutoModelForCausalLM
+    config, cls = config_and_class(root, transformers.AutoModelForCausalLM)
     if dtype is None:
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

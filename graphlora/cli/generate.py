@@ -14,9 +14,7 @@ from pathlib import Path
 
 from graphlora.cli.app import subcommand, wrap_help
 from graphlora.errors import InputError
-
-CONFIG_NAME = "genai_config.json"
-MODEL_NAME = "model.onnx"
+from graphlora.onnx.genai import CONFIG_NAME, MODEL_NAME
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:

@@ -53,6 +53,11 @@ def fusion_pays(rows: int, in_features: int, out_features: int, rank: int) -> bo
     return saved > spent
 
 
+def token_rows(x: torch.Tensor) -> int:
+    """The rows a linear sees in ``x`` (every dimension but the last): what fusion decides on."""
+    return x.numel() // max(1, x.shape[-1])
+
+
 @torch.library.custom_op("graphlora::lora_linear", mutates_args=())
 def lora_linear(
     x: torch.Tensor,
@@ -83,8 +88,7 @@ def lora_linear_or_branch(
     call's rows (:func:`fusion_pays`) or ``always``, else the canonical graph's own ops with
     autograd's own backward, so a few-token call costs what the canonical graph costs (not even
     an op dispatch more). A plain function, not an op: the choice is made per call, eagerly."""
-    rows = x.numel() // max(1, x.shape[-1])
-    if always or fusion_pays(rows, weight.shape[1], weight.shape[0], lora_a.shape[0]):
+    if always or fusion_pays(token_rows(x), weight.shape[1], weight.shape[0], lora_a.shape[0]):
         return LORA_LINEAR(x, weight, bias, lora_a, lora_b, scale)
     linear = torch.nn.functional.linear
     return linear(x, weight, bias) + scale * linear(linear(x, lora_a), lora_b)

@@ -33,6 +33,7 @@ from graphlora.passes.fuse_lora import (
     WEIGHT_PASS_COST,
     fusion_pays,
     lora_linear_or_branch,
+    token_rows,
 )
 
 aten = torch.ops.aten
@@ -57,14 +58,10 @@ def siblings_pay(rows: int, in_features: int, outs: list[int], rank: int = 0) ->
     return saved > spent and (rank == 0 or fusion_pays(rows, in_features, sum(outs), rank))
 
 
-def _rows_of(x: torch.Tensor) -> int:
-    return x.numel() // max(1, x.shape[-1])
-
-
 def sibling_linears(x: torch.Tensor, weights: list, biases: list | None, always: bool = False) -> tuple:
     """``tuple(linear(x, w, b) for each sibling)``, as one GEMM where :func:`siblings_pay`."""
     sizes = [w.shape[0] for w in weights]
-    if always or siblings_pay(_rows_of(x), x.shape[-1], sizes):
+    if always or siblings_pay(token_rows(x), x.shape[-1], sizes):
         bias = torch.cat(biases) if biases is not None else None
         return torch.nn.functional.linear(x, weight_cat(weights), bias).split(sizes, -1)
     linear = torch.nn.functional.linear
@@ -79,7 +76,7 @@ def sibling_lora_linears(x: torch.Tensor, weights: list, biases: list | None, lo
     for itself)."""
     sizes = [w.shape[0] for w in weights]
     rank = sum(a.shape[0] for a in lora_as)
-    if always or siblings_pay(_rows_of(x), x.shape[-1], sizes, rank):
+    if always or siblings_pay(token_rows(x), x.shape[-1], sizes, rank):
         bias = torch.cat(biases) if biases is not None else None
         block = torch.block_diag(*(b * s for b, s in zip(lora_bs, scales)))
         fused = LORA_LINEAR(x, weight_cat(weights), bias, torch.cat(lora_as), block, 1.0)
