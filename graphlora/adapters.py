@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from graphlora.errors import AdapterError
 from graphlora.graph_utils import ensure_container
 from graphlora.scaling import lora_scale
 
@@ -55,6 +56,7 @@ class LoraSpec:
     use_rslora: bool = False
     init: str = "kaiming"
     autocast_dtype: bool = True
+    loftq_iter: int = 1
 
     @property
     def scale(self) -> float:
@@ -95,6 +97,14 @@ def create_lora_pair(
     existing = container._modules.get("lora_A")
     if existing is not None and tuple(existing.weight.shape) == (spec.rank, in_features):
         return a_name, b_name
+    if spec.init not in ("kaiming", "gaussian"):
+        # PiSSA/OLoRA/LoftQ factors come from the base weight, set by LoraInitPass before the
+        # base is quantized (graphlora.passes.lora_init); a fresh pair cannot make them
+        raise AdapterError(
+            f"{module_path!r}: init={spec.init!r} computes LoRA factors from the base weight and changes the "
+            "base, which only transform() does (a LoraRule with that init); add this adapter with init "
+            "'kaiming' or 'gaussian'"
+        )
     lora_a = nn.Linear(in_features, spec.rank, bias=False, device=device, dtype=dtype)
     lora_b = nn.Linear(spec.rank, out_features, bias=False, device=device, dtype=dtype)
     with torch.no_grad():
@@ -108,6 +118,44 @@ def create_lora_pair(
     container.add_module("lora_A", lora_a)
     container.add_module("lora_B", lora_b)
     return a_name, b_name
+
+
+#: Attribute of a pair's container holding the factors a base-changing init started from.
+INITIAL_ATTR = "_graphlora_initial_factors"
+
+
+def set_lora_pair(
+    gm: nn.Module,
+    adapter: str,
+    module_path: str,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    keep_initial: bool = False,
+) -> tuple[str, str]:
+    """Create the A/B weights of one module path with the given values (an init computed from the
+    base weight). ``keep_initial``: remember a copy of them, which turning the adapter into a plain
+    LoRA on the original base needs (PEFT's ``path_initial_model_for_weight_conversion``)."""
+    container = ensure_container(gm, _path(adapter, module_path))
+    for which, value in (("lora_A", lora_a), ("lora_B", lora_b)):
+        layer = nn.Linear(value.shape[1], value.shape[0], bias=False, device=value.device, dtype=dtype)
+        with torch.no_grad():
+            layer.weight.copy_(value)
+        container.add_module(which, layer)
+    if keep_initial:
+        initial = tuple(m.weight.detach().clone() for m in (container.lora_A, container.lora_B))
+        object.__setattr__(container, INITIAL_ATTR, initial)
+    return lora_param_name(adapter, module_path, "lora_A"), lora_param_name(adapter, module_path, "lora_B")
+
+
+def initial_factors(gm: nn.Module, adapter: str, module_path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A0, B0) a base-changing init started ``module_path``'s pair of ``adapter`` from, or None."""
+    root = gm._modules.get(ADAPTERS_ROOT)
+    module = root
+    for part in (adapter, *module_path.split(".")) if module_path else (adapter,):
+        module = module._modules.get(part) if module is not None else None
+    return getattr(module, INITIAL_ATTR, None) if module is not None else None
 
 
 def iter_lora_weights(gm: nn.Module, adapter: str) -> Iterator[tuple[str, str, nn.Parameter]]:

@@ -13,7 +13,9 @@ from graphlora.adapters import ADAPTERS_ROOT, DEFAULT_ADAPTER, LoraSpec
 from graphlora.errors import InputError, TraceError
 from graphlora.model import LoraModel, model_class
 from graphlora.passes.base import GraphPass, PassPipeline
+from graphlora.lora_init import is_base_init
 from graphlora.passes.insert_lora import InsertLoraPass
+from graphlora.passes.lora_init import LoraInitPass
 from graphlora.passes.load_checkpoint import LoadCheckpointPass, TensorSource
 from graphlora.passes import quant_passes
 from graphlora.passes.match_rules import MatchRulesPass
@@ -36,6 +38,7 @@ def lora_specs_from_rules(gm: fx.GraphModule, autocast_dtype: bool = True) -> di
                 use_rslora=rule.use_rslora,
                 init=rule.init,
                 autocast_dtype=autocast_dtype,
+                loftq_iter=rule.loftq_iter,
             )
     return specs
 
@@ -75,6 +78,8 @@ def build_passes(
     return [
         MatchRulesPass(rules, strict=strict),
         *([load] if load is not None else []),
+        *([LoraInitPass(adapter, autocast_adapter_dtype)] if any(
+            isinstance(r, LoraRule) and is_base_init(r.init) for r in rules) else []),
         *weight_passes,
         _InsertRuleLoraPass(adapter, {}, autocast_dtype=autocast_adapter_dtype),
     ]

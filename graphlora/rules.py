@@ -24,7 +24,7 @@ from graphlora.validate import check_lora_alpha
 DEFAULT_TARGETS = r"(.*\.)?(q_proj|v_proj|query|value|c_attn)"
 
 ACT_CALIBRATIONS = ("minmax", "percentile", "mse")
-LORA_INITS = ("kaiming", "gaussian")
+LORA_INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")  # and "pissa_niter_K"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +98,12 @@ class LoraRule(QuantRule):
     with ``use_rslora``. ``init="kaiming"`` is PEFT's default (A kaiming-uniform, a=sqrt(5));
     ``init="gaussian"`` draws A from N(0, 1/rank). B starts at zero either way, so a freshly
     transformed model computes exactly what the original did.
+
+    ``init="pissa"`` / ``"pissa_niter_K"`` / ``"olora"`` / ``"loftq"`` compute A and B from the
+    base weight and change the base (PEFT's inits of those names; see
+    :mod:`graphlora.lora_init`): still the original function for PiSSA/OLoRA on a float base;
+    LoftQ (which needs ``weight_qtype``) alternates ``loftq_iter`` times between quantizing the base
+    and fitting A, B to the quantization error.
     """
 
     rank: int
@@ -105,6 +111,7 @@ class LoraRule(QuantRule):
     dropout: float = 0.0
     init: str = "kaiming"
     use_rslora: bool = False
+    loftq_iter: int = 1
 
     @property
     def has_lora(self) -> bool:
@@ -286,8 +293,25 @@ def validate_rule(index: int, rule: QuantRule) -> None:
             check_lora_alpha(rule.alpha, f"{where}: alpha", error=RuleError)
         if not (isinstance(rule.dropout, (int, float)) and 0.0 <= rule.dropout < 1.0):
             raise RuleError(f"{where}: dropout must be in [0, 1), got {rule.dropout!r}")
-        if rule.init not in LORA_INITS:
-            raise RuleError(f"{where}: init must be one of {LORA_INITS}, got {rule.init!r}")
+        _check_init(where, rule)
+
+
+def _check_init(where: str, rule: LoraRule) -> None:
+    """The init names one of LORA_INITS (or PEFT's ``pissa_niter_K``) and fits the rule's base."""
+    from graphlora.lora_init import pissa_niter
+
+    if not isinstance(rule.init, str) or (rule.init not in LORA_INITS and pissa_niter(rule.init) is None):
+        raise RuleError(f"{where}: init must be one of {LORA_INITS} or 'pissa_niter_K' (K >= 1 subspace "
+                        f"iterations), got {rule.init!r}")
+    if isinstance(rule.loftq_iter, bool) or not isinstance(rule.loftq_iter, int) or rule.loftq_iter < 1:
+        raise RuleError(f"{where}: loftq_iter must be an int >= 1, got {rule.loftq_iter!r}")
+    if rule.init == "loftq" and not rule.weight_qtype:
+        raise RuleError(f"{where}: init='loftq' fits A, B to the base's quantization error; set "
+                        "weight_qtype (e.g. 'nf4' or 'int4'), or use init='pissa' on a float base")
+    if rule.init == "loftq" and rule.needs_calibration_data:
+        raise RuleError(f"{where}: init='loftq' re-quantizes the base at each iteration, which "
+                        f"weight_calibration={rule.weight_calibration!r} (data-driven) cannot; use "
+                        "'absmax', 'minmax' or 'mse'")
 
 
 def _check_grids(where: str, rule: QuantRule) -> None:
