@@ -36,6 +36,7 @@ def lora_specs_from_rules(gm: fx.GraphModule, autocast_dtype: bool = True) -> di
                 use_rslora=rule.use_rslora,
                 init=rule.init,
                 autocast_dtype=autocast_dtype,
+                use_dora=rule.use_dora,
             )
     return specs
 

@@ -98,6 +98,11 @@ class LoraRule(QuantRule):
     with ``use_rslora``. ``init="kaiming"`` is PEFT's default (A kaiming-uniform, a=sqrt(5));
     ``init="gaussian"`` draws A from N(0, 1/rank). B starts at zero either way, so a freshly
     transformed model computes exactly what the original did.
+
+    ``use_dora`` (PEFT's ``use_dora=True``): weight-decomposed LoRA, the site's output rescaled
+    row by row by a trainable magnitude over the detached norm of ``W + scale B A``
+    (:mod:`graphlora.dora`); the magnitude starts at the base weight's row norms, so a fresh
+    model still computes what the original did.
     """
 
     rank: int
@@ -105,6 +110,7 @@ class LoraRule(QuantRule):
     dropout: float = 0.0
     init: str = "kaiming"
     use_rslora: bool = False
+    use_dora: bool = False
 
     @property
     def has_lora(self) -> bool:
@@ -288,6 +294,8 @@ def validate_rule(index: int, rule: QuantRule) -> None:
             raise RuleError(f"{where}: dropout must be in [0, 1), got {rule.dropout!r}")
         if rule.init not in LORA_INITS:
             raise RuleError(f"{where}: init must be one of {LORA_INITS}, got {rule.init!r}")
+        if not isinstance(rule.use_dora, bool):
+            raise RuleError(f"{where}: use_dora must be true or false, got {rule.use_dora!r}")
 
 
 def _check_grids(where: str, rule: QuantRule) -> None:
