@@ -51,6 +51,7 @@ def machine() -> dict:
 def benchmarks() -> dict:
     import bench_decode
     import bench_decoder_onnx
+    import bench_full_integer
     import bench_fusion
     import bench_gptq_depth
     import bench_grad_checkpointing
@@ -80,6 +81,8 @@ def benchmarks() -> dict:
         "qlora_speed": bench_qlora_speed.run,
         "decoder_onnx": bench_decoder_onnx.run,
         "fusion": bench_fusion.run,
+        # AIMET's rows run aimet_minilm.py in GRAPHLORA_AIMET_PYTHON's venv when that is set
+        "full_integer": bench_full_integer.run,
     }
 
 
@@ -259,6 +262,9 @@ def render(m: dict, results: dict) -> str:
             f"| step 3: int8 activations calibrated | {_f(r['cos_step3_int8_act'], 4)} | {_f(r['step3_s'], 1)} |",
             "",
         ]
+    r = results.get("full_integer")
+    if r and "error" not in r:
+        out += render_full_integer(r)
     r = results.get("gptq_depth")
     if r and "error" not in r:
         out += render_gptq_depth(r)
@@ -279,6 +285,41 @@ def render(m: dict, results: dict) -> str:
         out += [f"- {k}: `{v}`" for k, v in errors.items()]
         out.append("")
     return "\n".join(out)
+
+
+def render_full_integer(r: dict) -> list[str]:
+    """Full-integer MiniLM: each placement's held-out cosine per weight recipe, AIMET's beside."""
+    recipes = {"w8": "W8 per channel", "w4b32": "W4 symmetric b32"}
+    present = [k for k in recipes if f"{k}_weights_only_cosine" in r]
+    out = ["## Full-integer MiniLM: every op output quantized (held-out cosine of mean-pooled embeddings to fp32)",
+           "",
+           f"`benchmarks/bench_full_integer.py`: calibration on {r['calibration_sentences']} training sentences, "
+           "weights on the 36 encoder linears; the attention-mask add stays float in every graphlora row. "
+           "AIMET: `aimet_minilm.py` (its default config: every module's output, symmetric per-tensor "
+           "weights on every module, min-max) on the same data.",
+           ""]
+    rows = [["weights only", *(_f(r[f"{k}_weights_only_cosine"], 4) for k in present), ""]]
+    names = dict.fromkeys(row["placement"] for row in r["rows"])
+    for name in names:
+        cells = {row["recipe"]: row for row in r["rows"] if row["placement"] == name}
+        first = next(iter(cells.values()))
+        rows.append([f"graphlora: {first['description']}",
+                     *(_f(cells[k]["cosine"], 4) if k in cells else "" for k in present),
+                     first["activation_encodings"]])
+    a = r.get("aimet") or {}
+    if "error" in a:
+        rows.append([f"AIMET: {a['error']}", *([""] * len(present)), ""])
+    elif a:
+        aimet_keys = {"w8": "w8a8", "w4b32": "w4b32a8"}
+        rows.append([f"AIMET {a.get('aimet_torch', '')} default config",
+                     *(_f(a[aimet_keys[k]]["cosine"], 4) if aimet_keys[k] in a else "" for k in present),
+                     f"{a.get('w8a8', {}).get('quantizers', '')} quantizers"])
+    out += _table(["placement", *(recipes[k] for k in present), "activation encodings"], rows)
+    o = r.get("onnx")
+    if o:
+        out += [f"Exported as ONNX QDQ ({o['recipe']}, `{o['placement']}`): onnxruntime cosine "
+                f"{_f(o['onnxruntime_cosine'], 4)} (PyTorch {_f(o['pytorch_cosine'], 4)}).", ""]
+    return out
 
 
 def render_gptq_depth(r: dict) -> list[str]:
@@ -355,18 +396,43 @@ def render_decoder_onnx(r: dict) -> list[str]:
     return out
 
 
+def section(m: dict, name: str, result: dict) -> str:
+    """One benchmark's part of the page, between markers naming it, with its measuring time."""
+    body = render(m, {name: result}).split("\n## ", 1)
+    text = "## " + body[1].rstrip("\n") if len(body) > 1 else f"## {name}: nothing rendered"
+    when = result.get("measured") if isinstance(result, dict) else None
+    if when:
+        text = text.replace("\n\n", f"\n\nMeasured {when}.\n\n", 1)
+    return f"<!-- bench:{name} -->\n{text}\n<!-- /bench:{name} -->"
+
+
+def splice_section(doc: str, name: str, block: str) -> str:
+    """``doc`` with the section between ``name``'s markers replaced by ``block`` (appended when
+    the page has no such section yet)."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    if start in doc and end in doc:
+        head, rest = doc.split(start, 1)
+        return head + block + rest.split(end, 1)[1]
+    return doc + "\n\n" + block
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", nargs="*", help="names of benchmarks to run (default: all)")
     ap.add_argument("--no-write", action="store_true", help="print, do not rewrite docs/benchmarks.md")
+    ap.add_argument("--render-only", action="store_true",
+                    help="run nothing: render the --only sections (or the page) from docs/benchmarks.json")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     m = machine()
     results: dict = {}
     if RAW.exists() and args.only:
         results = json.loads(RAW.read_text()).get("results", {})
+    if args.render_only:
+        saved = json.loads(RAW.read_text())
+        m, results = saved["machine"], saved["results"]
     for name, fn in benchmarks().items():
-        if args.only and name not in args.only:
+        if args.render_only or (args.only and name not in args.only):
             continue
         print(f"== {name}", flush=True)
         t = time.perf_counter()
@@ -379,13 +445,23 @@ def main(argv=None) -> int:
             traceback.print_exc()
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
         print(f"   {time.perf_counter() - t:.0f} s", flush=True)
-    text = render(m, results)
+    if args.only and DOC.exists():
+        # a partial run replaces only its own sections: the rest of the page (results measured by
+        # other scripts or runs, with their own dates) stays byte for byte
+        text = DOC.read_text(encoding="utf-8").rstrip("\n")
+        for name in args.only:
+            if name in results:
+                text = splice_section(text, name, section(m, name, results[name]))
+    else:
+        text = render(m, results)
     print(text)
     if not args.no_write:
         from graphlora.io.atomic import atomic_write
 
         with atomic_write(DOC, "w", encoding="utf-8") as f:
             f.write(text + "\n")
+        if args.render_only:
+            return 0
         with atomic_write(RAW, "w", encoding="utf-8") as f:
             f.write(json.dumps({"machine": m, "results": results}, indent=2, default=str))
     return 0

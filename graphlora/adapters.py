@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from graphlora.errors import AdapterError
+from graphlora.dora import MAGNITUDE
 from graphlora.graph_utils import ensure_container
 from graphlora.scaling import lora_scale
 
@@ -57,6 +58,7 @@ class LoraSpec:
     init: str = "kaiming"
     autocast_dtype: bool = True
     loftq_iter: int = 1
+    use_dora: bool = False  # DoRA: a magnitude vector next to the pair (graphlora.dora)
 
     @property
     def scale(self) -> float:
@@ -69,7 +71,7 @@ def _path(adapter: str, module_path: str) -> str:
 
 def lora_param_name(adapter: str, module_path: str, which: str) -> str:
     """Qualified attribute name of ``lora_A``/``lora_B`` weight in the GraphModule."""
-    if which not in ("lora_A", "lora_B"):
+    if which not in ("lora_A", "lora_B", MAGNITUDE):
         raise ValueError(which)
     return f"{_path(adapter, module_path)}.{which}.weight"
 
@@ -156,10 +158,28 @@ def initial_factors(gm: nn.Module, adapter: str, module_path: str) -> tuple[torc
     for part in (adapter, *module_path.split(".")) if module_path else (adapter,):
         module = module._modules.get(part) if module is not None else None
     return getattr(module, INITIAL_ATTR, None) if module is not None else None
+class Magnitude(nn.Module):
+    """DoRA's magnitude vector ``(out,)`` under PEFT's module name, so its parameter is named
+    ``<module_path>.lora_magnitude_vector.weight`` as in a PEFT model."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(value.detach().clone())
+
+
+def create_magnitude(gm: nn.Module, adapter: str, module_path: str, value: torch.Tensor) -> str:
+    """Create (or keep, if present with the right shape) the DoRA magnitude of one module path,
+    initialised to ``value`` (the base weight's row norms); returns its qualified name."""
+    container = ensure_container(gm, _path(adapter, module_path))
+    existing = container._modules.get(MAGNITUDE)
+    if existing is None or tuple(existing.weight.shape) != tuple(value.shape):
+        container.add_module(MAGNITUDE, Magnitude(value))
+    return lora_param_name(adapter, module_path, MAGNITUDE)
 
 
 def iter_lora_weights(gm: nn.Module, adapter: str) -> Iterator[tuple[str, str, nn.Parameter]]:
-    """(module_path, "lora_A"|"lora_B", parameter) for every pair of ``adapter``."""
+    """(module_path, "lora_A"|"lora_B"|"lora_magnitude_vector", parameter) for every pair of
+    ``adapter`` (and DoRA magnitude)."""
     root = gm._modules.get(ADAPTERS_ROOT)
     if root is None or adapter not in root._modules:
         return
@@ -167,6 +187,8 @@ def iter_lora_weights(gm: nn.Module, adapter: str) -> Iterator[tuple[str, str, n
     for name, module in base.named_modules():
         head, _, leaf = name.rpartition(".")
         if leaf in ("lora_A", "lora_B") and isinstance(module, nn.Linear):
+            yield head, leaf, module.weight
+        elif leaf == MAGNITUDE and isinstance(module, Magnitude):
             yield head, leaf, module.weight
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from graphlora import meta
+from graphlora.dora import MAGNITUDE, dora_delta
 from graphlora.errors import PassError
 from graphlora.graph_utils import evaluate
 from graphlora.sites import Layout, LinearSite, tagged_sites
@@ -37,7 +38,7 @@ from graphlora.sites import Layout, LinearSite, tagged_sites
 aten = torch.ops.aten
 
 LORA_ROLES = frozenset({"lora_a", "lora_b", "lora_dropout", "lora_scale", "lora_add", "lora_gate",
-                        "lora_cast_in", "lora_cast_out"})
+                        "lora_cast_in", "lora_cast_out", "dora_norm", "dora_scale", "dora_mix"})
 QUANTIZER_ROLES = frozenset({"fake_quant", "observer"})
 
 
@@ -67,6 +68,8 @@ class LoraBranch:
     b_weight: fx.Node | None = None
     cast_in: fx.Node | None = None  # the input cast to the factors' dtype (mixed precision)
     cast_out: fx.Node | None = None  # the sum cast back to the base output's dtype
+    magnitude: fx.Node | None = None  # DoRA: the read of the stored magnitude vector
+    dora_scale: fx.Node | None = None  # DoRA: magnitude / detached row norms of W + s B A
     quantizers: list[fx.Node] = field(default_factory=list)  # fake-quant / observers on it
     owned: list[fx.Node] = field(default_factory=list)  # everything removal takes out, graph order
 
@@ -102,6 +105,12 @@ class LoraBranch:
         return [n for n in self.owned if n in computing]
 
     @property
+    def dora(self) -> bool:
+        """A DoRA branch (:mod:`graphlora.dora`): the site's output is rescaled per row, so the
+        branch is not ``base + delta(x)`` and passes that assume it (fusion, inputs export) skip it."""
+        return self.magnitude is not None
+
+    @property
     def standard(self) -> bool:
         """``linear(x, A)`` then ``linear(h, B)``: the pair read in the parameter's layout."""
         return (self.a is not None and self.b is not None and self.a.target == aten.linear.default
@@ -125,8 +134,14 @@ class LoraBranch:
         return self._operand(self.b, "lora_B")
 
     def delta(self) -> torch.Tensor:
-        """``scale * B @ A`` from the weights the branch uses, in the parameter's stored layout."""
-        return lora_delta(self.a_value(), self.b_value(), self.scale_value, self.site.spec.param_layout)
+        """``scale * B @ A`` from the weights the branch uses, in the parameter's stored layout;
+        for DoRA the merged weight less the base weight (:func:`graphlora.dora.dora_delta`)."""
+        layout = self.site.spec.param_layout
+        if self.dora:
+            magnitude = evaluate(self.magnitude.graph.owning_module, self.magnitude).detach()
+            return dora_delta(self.site.param_value().detach(), self.a_value(), self.b_value(),
+                              self.scale_value, magnitude, layout)
+        return lora_delta(self.a_value(), self.b_value(), self.scale_value, layout)
 
     def _operand(self, op: fx.Node | None, which: str) -> torch.Tensor:
         if op is None:
@@ -135,8 +150,8 @@ class LoraBranch:
 
 
 _FIELDS = {"lora_a": "a", "lora_b": "b", "lora_scale": "scale", "lora_dropout": "dropout",
-           "lora_cast_in": "cast_in", "lora_cast_out": "cast_out"}
-_WEIGHTS = {"lora_A": "a_weight", "lora_B": "b_weight"}
+           "lora_cast_in": "cast_in", "lora_cast_out": "cast_out", "dora_scale": "dora_scale"}
+_WEIGHTS = {"lora_A": "a_weight", "lora_B": "b_weight", MAGNITUDE: "magnitude"}
 
 
 def find_branches(gm: fx.GraphModule) -> list[LoraBranch]:

@@ -39,6 +39,7 @@ def lora_specs_from_rules(gm: fx.GraphModule, autocast_dtype: bool = True) -> di
                 init=rule.init,
                 autocast_dtype=autocast_dtype,
                 loftq_iter=rule.loftq_iter,
+                use_dora=rule.use_dora,
             )
     return specs
 

@@ -104,6 +104,10 @@ class LoraRule(QuantRule):
     :mod:`graphlora.lora_init`): still the original function for PiSSA/OLoRA on a float base;
     LoftQ (which needs ``weight_qtype``) alternates ``loftq_iter`` times between quantizing the base
     and fitting A, B to the quantization error.
+    ``use_dora`` (PEFT's ``use_dora=True``): weight-decomposed LoRA, the site's output rescaled
+    row by row by a trainable magnitude over the detached norm of ``W + scale B A``
+    (:mod:`graphlora.dora`); the magnitude starts at the base weight's row norms, so a fresh
+    model still computes what the original did.
     """
 
     rank: int
@@ -112,6 +116,7 @@ class LoraRule(QuantRule):
     init: str = "kaiming"
     use_rslora: bool = False
     loftq_iter: int = 1
+    use_dora: bool = False
 
     @property
     def has_lora(self) -> bool:
@@ -294,6 +299,8 @@ def validate_rule(index: int, rule: QuantRule) -> None:
         if not (isinstance(rule.dropout, (int, float)) and 0.0 <= rule.dropout < 1.0):
             raise RuleError(f"{where}: dropout must be in [0, 1), got {rule.dropout!r}")
         _check_init(where, rule)
+        if not isinstance(rule.use_dora, bool):
+            raise RuleError(f"{where}: use_dora must be true or false, got {rule.use_dora!r}")
 
 
 def _check_init(where: str, rule: LoraRule) -> None:

@@ -16,7 +16,24 @@ and nothing else, so there is no second vocabulary to learn::
     module_path = '.*\\.dense'
     weight_qtype = "int8"
 
-JSON takes the same tables as a list, or as ``{"rules": [...]}``. A table with ``rank`` is a
+Whole-graph activation placement (:class:`~graphlora.ActivationRule`, used by
+``graphlora.calibrate(..., activations=...)``) goes in ``[[activations]]`` tables beside the
+rules, with ``kinds`` as a list::
+
+    [[activations]]                # the attention-mask add stays float
+    tensor = '.*attention\\.self\\.add'
+    qtype = "none"
+
+    [[activations]]                # residual adds and linear outputs in 16 bits
+    kinds = ["add", "linear"]
+    qtype = "uint16"
+
+    [[activations]]                # every other op output: uint8, mse-calibrated
+    calibration = "mse"
+
+``qtype = "none"`` is how a file says ``qtype=None`` (keep in float), since TOML has no null.
+
+JSON takes the same tables as a list, or as ``{"rules": [...], "activations": [...]}``. A table with ``rank`` is a
 ``LoraRule``, one without is a ``QuantRule``. Absent fields keep their defaults (TOML has no
 null; in JSON ``null`` means "default None"). Every error names the file, the rule (``rule #i``,
 counted from 0 as in all graphlora messages) and the field; unknown field names suggest the
@@ -38,11 +55,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from graphlora.errors import RuleError
 from graphlora.io.json_file import parse_json
-from graphlora.rules import LoraRule, QuantRule, set_source, validate_rule
+from graphlora.rules import ActivationRule, LoraRule, QuantRule, normalize_activation_rules, set_source, validate_rule
 
-__all__ = ["RULES_KEY", "dump_rules", "load_rules", "parse_rules", "rules_from_data", "save_rules"]
+__all__ = ["ACTIVATIONS_KEY", "RULES_KEY", "activation_rules_from_data", "dump_rules", "load_activation_rules",
+           "load_rules", "parse_activation_rules", "parse_rules", "rules_from_data", "save_rules"]
 
 RULES_KEY = "rules"
+ACTIVATIONS_KEY = "activations"
+NONE_QTYPE = "none"  # an ActivationRule's qtype=None in a file (TOML has no null)
 _FORMATS = ("toml", "json")
 # Fields only a LoraRule has: a table using one of them without `rank` is a mistake, not a QuantRule.
 _LORA_ONLY = tuple(f.name for f in fields(LoraRule) if f.name not in {g.name for g in fields(QuantRule)})
@@ -53,6 +73,17 @@ _LORA_ONLY = tuple(f.name for f in fields(LoraRule) if f.name not in {g.name for
 
 def load_rules(path: str | os.PathLike) -> list[QuantRule]:
     """Read and validate a rules file (``.toml`` or ``.json``; other suffixes are sniffed)."""
+    text, fmt, where = _read(path)
+    return parse_rules(text, fmt=fmt, source=where)
+
+
+def load_activation_rules(path: str | os.PathLike) -> list[ActivationRule]:
+    """The ``[[activations]]`` tables of a rules file, validated (``[]`` when it has none)."""
+    text, fmt, where = _read(path)
+    return parse_activation_rules(text, fmt=fmt, source=where)
+
+
+def _read(path: str | os.PathLike) -> tuple[str, str, str]:
     where = os.fspath(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -62,15 +93,23 @@ def load_rules(path: str | os.PathLike) -> list[QuantRule]:
         raise RuleError(f"{where}: is a directory, expected a rules file (.toml or .json)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RuleError(f"{where}: cannot read rules file: {exc}") from None
-    return parse_rules(text, fmt=_format_of(Path(path), text), source=where)
+    return text, _format_of(Path(path), text), where
 
 
 def parse_rules(text: str, *, fmt: str = "toml", source: str = "<rules>") -> list[QuantRule]:
     """Parse rules from TOML or JSON text; ``source`` names the text in error messages."""
+    return rules_from_data(_parse(text, fmt, source), source=source)
+
+
+def parse_activation_rules(text: str, *, fmt: str = "toml", source: str = "<rules>") -> list[ActivationRule]:
+    """Parse the ``[[activations]]`` tables from TOML or JSON text."""
+    return activation_rules_from_data(_parse(text, fmt, source), source=source)
+
+
+def _parse(text: str, fmt: str, source: str) -> Any:
     if fmt not in _FORMATS:
         raise RuleError(f"{source}: unknown rules format {fmt!r}; use 'toml' or 'json'")
-    data = _parse_toml(text, source) if fmt == "toml" else _parse_json(text, source)
-    return rules_from_data(data, source=source)
+    return _parse_toml(text, source) if fmt == "toml" else _parse_json(text, source)
 
 
 def rules_from_data(data: Any, *, source: str = "<rules>") -> list[QuantRule]:
@@ -78,6 +117,55 @@ def rules_from_data(data: Any, *, source: str = "<rules>") -> list[QuantRule]:
     tables = _rule_tables(data, source)
     rules = [_rule_from_table(i, table, source) for i, table in enumerate(tables)]
     return rules
+
+
+def activation_rules_from_data(data: Any, *, source: str = "<rules>") -> list[ActivationRule]:
+    """ActivationRules from already-parsed data: the ``activations`` list of a rules table."""
+    if not isinstance(data, Mapping) or ACTIVATIONS_KEY not in data:
+        if not isinstance(data, (Mapping, list)):
+            _rule_tables(data, source)  # the same error as for the rules
+        return []
+    _check_top_level(data, source)
+    tables = data[ACTIVATIONS_KEY]
+    if not isinstance(tables, list):
+        raise RuleError(f"{source}: '{ACTIVATIONS_KEY}' must be a list of tables, got {_type_name(tables)}")
+    rules = [_activation_rule_from_table(i, t, source) for i, t in enumerate(tables)]
+    try:
+        return normalize_activation_rules(rules)
+    except RuleError as exc:
+        raise RuleError(f"{source}: {exc}") from None
+
+
+def _activation_rule_from_table(index: int, table: Any, source: str) -> ActivationRule:
+    where = f"{source}: activation rule #{index}"
+    if not isinstance(table, Mapping):
+        raise RuleError(f"{where}: an activation rule must be a table of fields, got {_type_name(table)}")
+    known = {f.name for f in fields(ActivationRule)}
+    hints = typing.get_type_hints(ActivationRule)
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known:
+            raise RuleError(f"{where}: unknown field {key!r}{_suggest(str(key), sorted(known))}")
+        if key == "kinds":
+            if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
+                raise RuleError(f"{where}: field 'kinds' must be a list of op kinds (strings), "
+                                f"got {_type_name(value)} {value!r}")
+            values[key] = tuple(value)
+        elif key == "qtype" and value == NONE_QTYPE:
+            values[key] = None
+        else:
+            values[key] = _check_type(where, key, value, hints[key])
+    return ActivationRule(**values)
+
+
+def _check_top_level(data: Mapping, source: str) -> None:
+    extra = sorted(set(data) - {RULES_KEY, ACTIVATIONS_KEY})
+    if extra:
+        raise RuleError(
+            f"{source}: unknown top-level key {extra[0]!r}{_suggest(extra[0], [RULES_KEY, ACTIVATIONS_KEY])}; "
+            f"a rules file holds a '{RULES_KEY}' list ([[{RULES_KEY}]] tables in TOML) and optionally "
+            f"an '{ACTIVATIONS_KEY}' list"
+        )
 
 
 def _format_of(path: Path, text: str) -> str:
@@ -117,12 +205,7 @@ def _parse_json(text: str, source: str) -> Any:
 
 def _rule_tables(data: Any, source: str) -> list[Any]:
     if isinstance(data, Mapping):
-        extra = sorted(set(data) - {RULES_KEY})
-        if extra:
-            raise RuleError(
-                f"{source}: unknown top-level key {extra[0]!r}{_suggest(extra[0], [RULES_KEY])}; "
-                f"a rules file holds only a '{RULES_KEY}' list ([[{RULES_KEY}]] tables in TOML)"
-            )
+        _check_top_level(data, source)
         if RULES_KEY not in data:
             raise RuleError(f"{source}: no rules: expected [[{RULES_KEY}]] tables (TOML) or a '{RULES_KEY}' list")
         data = data[RULES_KEY]
@@ -211,26 +294,33 @@ def _type_name(value: Any) -> str:
 # ------------------------------------------------------------------------------------------ writing
 
 
-def dump_rules(rules: Iterable[QuantRule], fmt: str = "toml") -> str:
-    """Rules as TOML or JSON text that :func:`parse_rules` reads back to equal rules.
+def dump_rules(rules: Iterable[QuantRule], fmt: str = "toml", *,
+               activations: Iterable[ActivationRule] = ()) -> str:
+    """Rules (and activation rules) as TOML or JSON text that :func:`parse_rules` and
+    :func:`parse_activation_rules` read back to equal rules.
 
     Only fields that differ from their defaults are written (``module_path`` and ``rank`` always).
     """
     tables = [_rule_table(rule) for rule in rules]
+    act_tables = [_activation_table(rule) for rule in normalize_activation_rules(list(activations))]
     if fmt == "json":
-        return json.dumps({RULES_KEY: tables}, indent=2) + "\n"
+        doc: dict[str, Any] = {RULES_KEY: tables}
+        if act_tables:
+            doc[ACTIVATIONS_KEY] = act_tables
+        return json.dumps(doc, indent=2) + "\n"
     if fmt != "toml":
         raise RuleError(f"unknown rules format {fmt!r}; use 'toml' or 'json'")
-    return "\n".join(_toml_table(t) for t in tables)
+    return "\n".join([*(_toml_table(t) for t in tables), *(_toml_table(t, ACTIVATIONS_KEY) for t in act_tables)])
 
 
-def save_rules(rules: Iterable[QuantRule], path: str | os.PathLike, fmt: str | None = None) -> Path:
+def save_rules(rules: Iterable[QuantRule], path: str | os.PathLike, fmt: str | None = None, *,
+               activations: Iterable[ActivationRule] = ()) -> Path:
     """Write a rules file atomically; the format follows the suffix unless ``fmt`` is given."""
     from graphlora.io.atomic import atomic_write
 
     target = Path(path)
     fmt = fmt or ("json" if target.suffix.lower() == ".json" else "toml")
-    text = dump_rules(rules, fmt)
+    text = dump_rules(rules, fmt, activations=activations)
     with atomic_write(target, "w") as fh:
         fh.write(text)
     return target
@@ -248,8 +338,22 @@ def _rule_table(rule: QuantRule) -> dict[str, Any]:
     return table
 
 
-def _toml_table(table: Mapping[str, Any]) -> str:
-    lines = [f"[[{RULES_KEY}]]"]
+def _activation_table(rule: ActivationRule) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for f in fields(rule):
+        value = getattr(rule, f.name)
+        if value == f.default:
+            continue
+        if f.name == "kinds":
+            value = list(value)
+        elif f.name == "qtype" and value is None:
+            value = NONE_QTYPE
+        table[f.name] = value
+    return table
+
+
+def _toml_table(table: Mapping[str, Any], key: str = RULES_KEY) -> str:
+    lines = [f"[[{key}]]"]
     for key, value in table.items():
         if value is None:
             continue  # TOML has no null; absent means the default (None)
@@ -262,6 +366,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, str):
         if "'" not in value and "\n" not in value:
             return f"'{value}'"  # literal string: regex backslashes stay as written

@@ -350,6 +350,39 @@ def test_transform_calibrates_with_a_text_file(bert_dir, tmp_path, capsys):
         "encoder.layer.0.attention.self.query.input", "encoder.layer.1.attention.self.query.input"]
 
 
+def test_transform_places_whole_graph_activations_from_the_rules_file(bert_dir, tmp_path, capsys):
+    rules = _write(tmp_path / "full_integer.toml", """
+        [[rules]]
+        module_path = '.*dense'
+        weight_qtype = "int8"
+
+        [[activations]]
+        tensor = '.*attention\\.self\\.add'
+        qtype = "none"
+
+        [[activations]]
+        kinds = ["norm"]
+        qtype = "uint16"
+
+        [[activations]]
+        kinds = ["add"]
+    """)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox\nthe lazy dog jumps over the fox\n")
+    enc = tmp_path / "enc.json"
+    argv = ["transform", str(bert_dir), "--rules", str(rules), "--encodings", str(enc), "--no-progress"]
+    assert cli.main(argv) == 2
+    assert "[[activations]] tables" in _error_line(capsys) and not enc.exists()
+    assert cli.main(argv + ["--calibrate-with", str(text)]) == 0
+    acts = {e["name"]: e for e in json.loads(enc.read_text())["activation_encodings"]}
+    # 2 layers: per layer 2 LayerNorms and 2 residual adds; before them the embeddings' LayerNorm
+    # and 2 adds; the attention-mask add of each layer stays float
+    assert len(acts) == 2 * 4 + 3
+    assert acts["encoder.layer.1.output.LayerNorm.output"]["bw"] == 16
+    assert acts["encoder.layer.0.output.add"]["bw"] == 8
+    assert not any(name.endswith("attention.self.add") for name in acts)
+
+
 def test_calibrate_with_needs_a_tokenizer(factory, mlp_rules, tmp_path, capsys):
     text = tmp_path / "calib.txt"
     text.write_text("hello\n")

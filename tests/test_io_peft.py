@@ -121,7 +121,7 @@ def test_config_fields_match_peft_lora_config(tmp_path):
 
 def test_unsupported_field_list_covers_installed_peft_variants():
     variants = {f.name for f in dataclasses.fields(peft.LoraConfig) if f.metadata.get("is_lora_variant")}
-    assert variants <= set(_UNSUPPORTED_FIELDS)
+    assert variants - {"use_dora"} <= set(_UNSUPPORTED_FIELDS)  # DoRA is supported: tests/test_dora.py
     init_field = next(f for f in dataclasses.fields(peft.LoraConfig) if f.name == "init_lora_weights")
     assert set(init_field.metadata.get("lora_variants", [])) <= set(_VARIANT_INITS)
 
@@ -512,17 +512,19 @@ def test_wrong_peft_type(adapter_dir):
         read_adapter(adapter_dir)
 
 
-def test_dora_saved_by_peft_is_unsupported(tmp_path):
+def test_dora_saved_by_peft_reads_its_magnitudes(tmp_path):
     pm = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=["query"], use_dora=True))
     pm.save_pretrained(tmp_path)
-    with pytest.raises(AdapterError, match="DoRA"):
-        read_adapter(tmp_path)
+    adapter = read_adapter(tmp_path)
+    for path, module in adapter.modules.items():
+        want = pm.get_submodule(path).lora_magnitude_vector["default"].weight.detach()
+        torch.testing.assert_close(module.magnitude, want)
 
 
 @pytest.mark.parametrize(
     "changes, needle",
     [
-        ({"use_dora": True}, "DoRA"),
+        ({"use_dora": True}, "no lora_magnitude_vector"),
         ({"use_qalora": True}, "QALoRA"),
         ({"lora_bias": True}, "lora_bias"),
         ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),

@@ -80,3 +80,55 @@ def test_the_generate_command_runs_a_genai_directory_with_plain_onnxruntime(llam
     assert "tokenizer" in capsys.readouterr().err
     assert cli.main(["generate", str(tmp_path / "nowhere"), "--ids", "1,2"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _trained_tokenizer(vocab: int):
+    """A BPE tokenizer laid out as Llama's ``tokenizer.json`` is (SentencePiece's "▁" put in by
+    the normalizer, no pre-tokenizer, byte fallback), trained here on Python's own English docs:
+    trained on words split at "▁" so that, as in SentencePiece, no token has "▁" inside it."""
+    import json as json_
+
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import LlamaTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    bpe.train_from_iterator(list(topics.values())[:100],
+                            trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+                                                limit_alphabet=60, show_progress=False))
+    layout = json_.loads(bpe.to_str())
+    layout["pre_tokenizer"] = None
+    bpe = Tokenizer.from_str(json_.dumps(layout))
+    bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return LlamaTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.slow  # a decoder export
+def test_a_real_tokenizer_serves_onnxruntime_genai_and_the_generate_command(llama, tmp_path, capsys):
+    """With ``tokenizer=``, the directory's tokenizer files are what onnxruntime-genai's own
+    tokenizer reads (same ids as transformers'), and ``graphlora generate --prompt`` turns text
+    into the LoraModel's greedy tokens and back into text."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from graphlora import cli
+
+    tokenizer = _trained_tokenizer(llama.config.vocab_size)
+    directory = tmp_path / "genai"
+    write_genai(llama, directory, lora="branch", tokenizer=tokenizer)
+    assert (directory / "tokenizer.json").is_file() and (directory / "tokenizer_config.json").is_file()
+    model = og.Model(str(directory))
+    genai_tokenizer = og.Tokenizer(model)
+    for text in ("the class of an object", "Assignment statements bind names", "a lambda expression"):
+        assert list(map(int, genai_tokenizer.encode(text))) == tokenizer(text)["input_ids"]
+
+    text = "the class of an object"
+    prompt = torch.tensor([tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        want = llama.generate(input_ids=prompt, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                              eos_token_id=llama.config.eos_token_id)[0, prompt.shape[1]:].tolist()
+    assert cli.main(["generate", str(directory), "--prompt", text, "--max-new-tokens", "5", "--json",
+                     "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {"ids": want, "text": tokenizer.decode(want, skip_special_tokens=True)}

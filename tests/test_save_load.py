@@ -405,7 +405,7 @@ def test_missing_and_unsupported_files(lora, saves, tmp_path):
     bad = tmp_path / "bad"
     lora.save_pretrained(bad, only_save_adapters=True)
     config = json.loads((bad / "adapter_config.json").read_text())
-    for changes, needle in (({"peft_type": "IA3"}, "'IA3' is unsupported"), ({"use_dora": True}, "DoRA")):
+    for changes, needle in (({"peft_type": "IA3"}, "'IA3' is unsupported"), ({"use_dora": True}, "no lora_magnitude_vector")):
         (bad / "adapter_config.json").write_text(json.dumps({**config, **changes}))
         with pytest.raises(AdapterError, match=needle):
             graphlora.load_adapter(lora, bad, adapter_name="x")

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec
+from graphlora.dora import MAGNITUDE
 from graphlora.errors import AdapterError, GraphloraWarning, InputError
 from graphlora.graph_utils import is_own
 from graphlora.io.peft_config import most_common
@@ -75,6 +76,7 @@ def adapter_payload(model: LoraModel, name: str) -> tuple[list[LoraModule], dict
     modules = []
     for path, spec in specs.items():
         a_key, b_key = lora_keys(path)
+        magnitude = weights[f"{path}.{MAGNITUDE}.weight"] if spec.use_dora else None
         modules.append(
             LoraModule(
                 path=path,
@@ -84,6 +86,7 @@ def adapter_payload(model: LoraModel, name: str) -> tuple[list[LoraModule], dict
                 lora_B=weights[b_key],
                 fan_in_fan_out=layouts.get(path, False),
                 use_rslora=use_rslora,
+                magnitude=magnitude,
             )
         )
     _warn_unloadable_by_peft(model, specs)

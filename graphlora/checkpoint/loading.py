@@ -19,6 +19,7 @@ from graphlora import meta
 from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec
 from graphlora.checkpoint.adapter_state import set_active
 from graphlora.checkpoint.layout import is_weights_file, resolve_adapter_dir
+from graphlora.dora import MAGNITUDE
 from graphlora.errors import AdapterError, InputError
 from graphlora.io.peft_config import ADAPTER_CONFIG_NAME
 from graphlora.io.peft_format import LoraAdapter, check_adapter_shapes, lora_keys, read_adapter
@@ -159,7 +160,7 @@ def _install(
     """Create the adapter on the model (tagging untagged sites first) and copy its weights in."""
     specs = {
         p: LoraSpec(rank=m.rank, alpha=float(m.alpha), dropout=adapter.lora_dropout, use_rslora=m.use_rslora,
-                    autocast_dtype=autocast_dtype)
+                    autocast_dtype=autocast_dtype, use_dora=m.magnitude is not None)
         for p, m in adapter.modules.items()
     }
     previous = model.active_adapters
@@ -171,6 +172,8 @@ def _install(
         for p, m in adapter.modules.items():
             a_key, b_key = lora_keys(p)
             weights[a_key], weights[b_key] = m.lora_A, m.lora_B
+            if m.magnitude is not None:
+                weights[f"{p}.{MAGNITUDE}.weight"] = m.magnitude
         model.load_lora_state_dict(weights, adapter=name)
     except BaseException:
         model.delete_adapter(name)

@@ -58,9 +58,11 @@ def _build(args: argparse.Namespace, *, require_calibration: bool) -> tuple["Lor
     """Load, transform and (with --calibrate-with) calibrate, exactly as the Python API would."""
     from graphlora.calibration import calibrate
     from graphlora.pipeline import transform
+    from graphlora.rules_file import load_activation_rules
 
     progress = not args.no_progress
     rules, loaded = load_rules_and_model(args, progress=progress)
+    activations = load_activation_rules(args.rules)
     batches = calibration_batches(args.calibrate_with, loaded) if args.calibrate_with else None
     data_rules = [i for i, r in enumerate(rules) if r.needs_calibration_data]
     if data_rules and batches is None:
@@ -80,9 +82,14 @@ def _build(args: argparse.Namespace, *, require_calibration: bool) -> tuple["Lor
         calibration_data=batches,
         progress=progress,
     )
-    if _wants_activation_encodings(model):
+    if activations and batches is None:
+        raise InputError(
+            f"{args.rules}: its [[activations]] tables place activation encodings across the graph, "
+            "which need calibration data: pass --calibrate-with TEXTFILE"
+        )
+    if _wants_activation_encodings(model) or activations:
         if batches is not None:
-            calibrate(model, batches, progress=progress)
+            calibrate(model, batches, activations=activations or None, progress=progress)
         elif require_calibration:
             raise InputError(
                 f"{args.rules}: rules ask for activation (or LoRA-branch) quantization, which needs "

@@ -107,7 +107,6 @@ _CONFIG_DEFAULTS: dict[str, Any] = {
 # Fields that switch PEFT to a different method or add trainable state beyond plain A/B factors.
 # Truthy value -> unsupported. Includes every LoraConfig field PEFT 0.21 tags "is_lora_variant".
 _UNSUPPORTED_FIELDS: dict[str, str] = {
-    "use_dora": "DoRA (use_dora) adds a magnitude vector and changes the forward pass",
     "velora_config": "VeLoRA (velora_config) is a LoRA variant",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) acts after invocation tokens",
     "monteclora_config": "MonteCLoRA (monteclora_config) is a LoRA variant",
@@ -233,6 +232,7 @@ def build_adapter_config(
     task_type: str | None = None,
     init_lora_weights: bool | str = True,
     module_names: Iterable[str] | None = None,
+    use_dora: bool = False,
 ) -> dict[str, Any]:
     """The ``adapter_config.json`` dict PEFT needs to rebuild exactly these modules.
 
@@ -297,6 +297,7 @@ def build_adapter_config(
         target_modules=targets,
         lora_dropout=float(lora_dropout),
         use_rslora=bool(use_rslora),
+        use_dora=bool(use_dora),
         fan_in_fan_out=fan_in_fan_out,
         init_lora_weights=init_lora_weights,
         base_model_name_or_path=base_model_name_or_path,
@@ -345,7 +346,7 @@ def _require(cond: bool, source: str, message: str) -> None:
 def validate_adapter_config(config: Mapping[str, Any], source: str = ADAPTER_CONFIG_NAME) -> None:
     """Raise unless ``config`` describes a plain LoRA adapter graphlora can apply exactly.
 
-    :class:`AdapterError` for a non-LoRA ``peft_type``, DoRA and other variants, ``bias`` other
+    :class:`AdapterError` for a non-LoRA ``peft_type``, LoRA variants other than DoRA, ``bias`` other
     than ``"none"``, non-empty ``modules_to_save`` and init methods whose adapter only works with a
     PEFT-modified base; :class:`FileFormatError` for fields of the wrong type. Unknown fields with
     non-default values trigger a :class:`GraphloraWarning` (a newer PEFT may have added them).
@@ -396,7 +397,7 @@ def validate_adapter_config(config: Mapping[str, Any], source: str = ADAPTER_CON
         source,
         f"'lora_dropout' must be a number in [0, 1), got {dropout!r}",
     )
-    for name in ("use_rslora", "fan_in_fan_out"):
+    for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
         _require(isinstance(config.get(name, False), bool), source, f"'{name}' must be true or false")
     targets = config.get("target_modules")
     _require(_is_names(targets), source,

@@ -54,6 +54,8 @@ __all__ = [
     "check_shapes",
     "lora_keys",
     "lora_shapes",
+    "parse_magnitude_key",
+    "peft_magnitude_key",
     "parse_lora_key",
     "peft_lora_keys",
     "read_adapter",
@@ -203,6 +205,7 @@ class LoraModule:
     lora_B: torch.Tensor
     fan_in_fan_out: bool = False
     use_rslora: bool = False
+    magnitude: torch.Tensor | None = None  # DoRA's lora_magnitude_vector (out,), None: plain LoRA
 
     @property
     def scale(self) -> float:
@@ -275,9 +278,29 @@ def _read_weights(
     )
 
 
+#: How PEFT stores DoRA's magnitude: ``base_model.model.<path>.lora_magnitude_vector`` (no
+#: ``.weight``; PEFT's save drops it), ``...lora_magnitude_vector.<adapter>`` with a name.
+MAGNITUDE_KEY = "lora_magnitude_vector"
+
+
+def peft_magnitude_key(path: str) -> str:
+    """The key PEFT writes for a module's DoRA magnitude."""
+    return f"{PEFT_KEY_PREFIX}{path}.{MAGNITUDE_KEY}"
+
+
+def parse_magnitude_key(key: str) -> tuple[str, str | None] | None:
+    """``(module_path, adapter name or None)`` for a DoRA magnitude key, else None (``.weight``
+    after it, as in a PEFT model's state dict, is accepted too)."""
+    stripped = key[len(PEFT_KEY_PREFIX) :] if key.startswith(PEFT_KEY_PREFIX) else key
+    stripped = stripped[: -len(".weight")] if stripped.endswith(".weight") else stripped
+    marker = f".{MAGNITUDE_KEY}"
+    head, found, tail = stripped.rpartition(marker)
+    if not found or not head or (tail and (not tail.startswith(".") or "." in tail[1:])):
+        return None
+    return head, tail[1:] or None
+
+
 def _unsupported_key(key: str) -> str:
-    if ".lora_magnitude_vector" in key:
-        return "a DoRA magnitude vector"
     if ".lora_embedding_" in key:
         return "LoRA on an embedding layer"
     if re.search(r"\.lora_B(\.[^.]+)?\.bias$", key):
@@ -309,8 +332,17 @@ def read_adapter(
     factors: dict[str, dict[str, torch.Tensor]] = {}
     adapter_names: set[str | None] = set()
     problems: list[str] = []
+    magnitudes: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         parsed = parse_lora_key(key)
+        dora_key = parse_magnitude_key(key) if parsed is None else None
+        if dora_key is not None:
+            check_lora_factor(tensor, key, source=source, error=FileFormatError)
+            adapter_names.add(dora_key[1])
+            if dora_key[0] in magnitudes:
+                raise FileFormatError(f"{source}: the magnitude of {dora_key[0]!r} appears under more than one key")
+            magnitudes[dora_key[0]] = tensor
+            continue
         if parsed is None:
             problems.append(f"{key} ({_unsupported_key(key)})")
             continue
@@ -340,6 +372,7 @@ def read_adapter(
     alpha_pattern = config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    _check_magnitudes(config, factors, magnitudes, source)
     modules: dict[str, LoraModule] = {}
     for path, slot in factors.items():
         missing = [f"lora_{f}" for f in "AB" if f not in slot]
@@ -376,6 +409,7 @@ def read_adapter(
             lora_B=b,
             fan_in_fan_out=fan_in_fan_out,
             use_rslora=use_rslora,
+            magnitude=magnitudes.get(path),
         )
     return LoraAdapter(
         modules=modules,
@@ -386,6 +420,27 @@ def read_adapter(
         metadata=metadata,
         source=str(root),
     )
+
+
+def _check_magnitudes(config: Mapping[str, Any], factors: Mapping[str, Mapping[str, torch.Tensor]],
+                      magnitudes: Mapping[str, torch.Tensor], source: str) -> None:
+    """With ``use_dora`` every module has a 1-D magnitude of ``lora_B``'s rows, without it none."""
+    if not config.get("use_dora", False):
+        if magnitudes:
+            raise AdapterError(f"{source}: DoRA magnitude(s) for {sorted(magnitudes)[:5]}, but "
+                               f"{ADAPTER_CONFIG_NAME} does not set use_dora")
+        return
+    for path, slot in factors.items():
+        m = magnitudes.get(path)
+        if m is None:
+            raise AdapterError(f"{source}: use_dora is set but module {path!r} has no lora_magnitude_vector")
+        b = slot.get("B")
+        if m.dim() != 1 or (b is not None and m.shape[0] != b.shape[0]):
+            raise AdapterError(f"{source}: the lora_magnitude_vector of {path!r} has shape {list(m.shape)}; "
+                               f"expected [{b.shape[0] if b is not None else 'out'}] (lora_B's rows)")
+    extra = sorted(set(magnitudes) - set(factors))
+    if extra:
+        raise AdapterError(f"{source}: lora_magnitude_vector for {extra[:5]} without lora_A/lora_B")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +456,9 @@ def _check_module(m: LoraModule) -> None:
             f"{m.path!r}: expected lora_A (rank={m.rank}, in) and lora_B (out, rank={m.rank}), got "
             f"{list(a.shape)} and {list(b.shape)}"
         )
+    if m.magnitude is not None and tuple(m.magnitude.shape) != (b.shape[0],):
+        raise AdapterError(f"{m.path!r}: the DoRA magnitude has shape {list(m.magnitude.shape)}, "
+                           f"expected [{b.shape[0]}]")
 
 
 def write_adapter(
@@ -425,8 +483,12 @@ def write_adapter(
         if len(flags) > 1:
             raise ValueError("modules disagree on use_rslora; PEFT has one flag per adapter")
         use_rslora = flags.pop() if flags else False
+    dora = {m.magnitude is not None for m in mods}
+    if len(dora) > 1:
+        raise ValueError("some modules are DoRA and some are not; PEFT has one use_dora flag per adapter")
     config = build_adapter_config(
         mods,
+        use_dora=dora == {True},
         lora_dropout=lora_dropout,
         use_rslora=use_rslora,
         base_model_name_or_path=base_model_name_or_path,
@@ -438,6 +500,8 @@ def write_adapter(
     for m in mods:
         a_key, b_key = peft_lora_keys(m.path)
         tensors[a_key], tensors[b_key] = m.lora_A, m.lora_B
+        if m.magnitude is not None:
+            tensors[peft_magnitude_key(m.path)] = m.magnitude
     root = Path(directory)
     write_safetensors(tensors, root / ADAPTER_WEIGHTS_NAME)
     legacy = root / ADAPTER_LEGACY_WEIGHTS_NAME

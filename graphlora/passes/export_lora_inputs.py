@@ -70,6 +70,11 @@ class LoraAsInputsPass(ExportPass):
         self.adapter = adapters[0] if adapters else None
         made: dict[str, tuple[str, str]] = {}  # module path -> buffers (a module used twice: once)
         for br in branches:
+            if br.dora:
+                raise ExportError(
+                    f"lora='inputs' cannot export the DoRA branch at {br.module_path!r}: its magnitude "
+                    "and weight norm are not a pair of input matrices; use lora='branch' or 'merged'"
+                )
             if br.quantizers:
                 raise ExportError(
                     f"lora='inputs' cannot export the quantized LoRA branch at {br.module_path!r}: its "

@@ -138,6 +138,8 @@ def _fusable(br: LoraBranch) -> bool:
     """A standard branch straight on an ``aten.linear`` site: nothing between its ops (no dropout,
     no quantizer), it alone reads the site's output, and it reads the site's own input."""
     base, a, scale, b = br.site.node, br.a, br.scale, br.b
+    if br.dora:
+        return False  # DoRA rescales the base output per row: not W + s B A (its canonical ops run)
     if not br.standard or scale is None or br.dropout is not None or br.mixed_precision:
         return False  # (float32 factors on a bf16 base: one effective weight has no one dtype)
     if br.add.args[1] is not b or b.args[0] is not scale or scale.args[0] is not a:

@@ -18,7 +18,8 @@ import torch
 import torch.fx as fx
 
 from graphlora import meta
-from graphlora.adapters import LoraSpec, adapter_dtype, create_lora_pair
+from graphlora.adapters import LoraSpec, adapter_dtype, create_lora_pair, create_magnitude, lora_param_name
+from graphlora.dora import MAGNITUDE, row_norms
 from graphlora.branches import check_no_lora, find_branches, remove
 from graphlora.errors import PassError
 from graphlora.graph_utils import copy_stack, fake_mode, get_tensor, insert_call, insert_get_attr
@@ -99,6 +100,10 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
     cursor = b_w
     x = site.input
     new_nodes = [a_w, b_w]
+    if spec.use_dora:
+        m_w = _magnitude_read(gm, site, adapter, spec, b_w, mode, tags)
+        cursor = m_w
+        new_nodes.append(m_w)
 
     def emit(target, args, role, like=None, rank_key=None, kwargs=None, val=None):
         nonlocal cursor
@@ -144,6 +149,8 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
         h = emit(aten.matmul.default, (x, b_w), "lora_b")
         h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
         h = emit(aten.matmul.default, (h, a_w), "lora_a", like=like_out, val=wide)
+    if spec.use_dora:
+        h = _dora_mix(site, spec, a_w, b_w, m_w, x, out, h, emit)
     if gate is not None:
         # rows lead every activation, (batch, ...) or flattened (batch * tokens, ...): as PEFT's
         # mixed batches, gate the branch output per batch row, viewed as (batch, everything else)
@@ -159,6 +166,45 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
                      like=out)
     copy_stack(out, *new_nodes)
     out.replace_all_uses_with(total, delete_user_cb=lambda user: user not in new_nodes)
+
+
+def _magnitude_read(gm, site: LinearSite, adapter: str, spec: LoraSpec, after: fx.Node, mode,
+                    tags: dict) -> fx.Node:
+    """The DoRA magnitude's read, the magnitude made first from the row norms of the weight the
+    site computes with (dequantized for a quantized base), as PEFT initialises it."""
+    s = site.spec
+    if s.use_layout != s.param_layout:
+        raise PassError(f"DoRA at {site.spec.key!r}: the site reads its weight in the other orientation "
+                        "(a parameter used both ways); DoRA is supported on ordinary linear uses only")
+    weight = site.param_value().detach()
+    weight = weight if s.param_layout == "out_in" else weight.t()
+    dtype = get_tensor(gm, lora_param_name(adapter, site.module_path, "lora_A")).dtype
+    name = create_magnitude(gm, adapter, site.module_path, row_norms(weight).to(dtype))
+    with gm.graph.inserting_after(after):
+        return insert_get_attr(gm.graph, name, role="weight", mode=mode, tensor=MAGNITUDE, **tags)
+
+
+def _dora_mix(site: LinearSite, spec: LoraSpec, a_w, b_w, m_w, x, out, h, emit) -> fx.Node:
+    """DoRA's addition to the base output (graphlora.dora): ``(m/n - 1) * x W^T + (m/n) * h`` with
+    ``h`` the LoRA branch's output and ``n`` the detached row norms of ``W + s B A``; ``x W^T`` is
+    the base output less its bias, or, with dropout, the base applied to the dropped-out input."""
+    w = site.weight_input
+    if site.spec.use_layout == "in_out":
+        w = emit(aten.t.default, (w,), "dora_norm")
+    ba = emit(aten.mm.default, (b_w, a_w), "dora_norm")
+    full = emit(aten.add.Tensor, (w, ba), "dora_norm", kwargs={"alpha": float(spec.scale)})
+    norm = emit(aten.linalg_vector_norm.default, (full, 2.0, [1]), "dora_norm")
+    norm = emit(aten.detach.default, (norm,), "dora_norm")
+    ratio = emit(aten.div.Tensor, (m_w, norm), "dora_scale")
+    if spec.dropout > 0:
+        base = emit(aten.linear.default, (x, w), "dora_mix")
+    else:
+        bias = site.bias
+        base = out if bias is None else emit(aten.sub.Tensor, (out, bias), "dora_mix")
+    shifted = emit(aten.sub.Tensor, (ratio, 1.0), "dora_mix")
+    rescaled = emit(aten.mul.Tensor, (base, shifted), "dora_mix")
+    lora = emit(aten.mul.Tensor, (h, ratio), "dora_mix")
+    return emit(aten.add.Tensor, (rescaled, lora), "dora_mix")
 
 
 def _as_dtype(val, dtype: torch.dtype, mode, cache: dict):

@@ -22,6 +22,8 @@ import torch.fx as fx
 from graphlora import meta
 from graphlora.adapters import ADAPTERS_ROOT, LoraSpec, lora_param_name
 from graphlora.branches import check_no_lora, find_branches, lora_delta, remove
+from graphlora.dora import MAGNITUDE, dora_delta
+from graphlora.errors import PassError
 from graphlora.graph_utils import get_tensor
 from graphlora.passes.base import GraphPass, PassResult
 from graphlora.passes.weights import drop_unread_tensors, groups_by_weight, replace_with_tensor
@@ -88,16 +90,29 @@ class MergeLoraPass(FoldLoraPass):
         for weight_name, group in groups_by_weight(tagged_sites(gm)).items():
             layout = group[0].spec.param_layout
             for path in dict.fromkeys(s.module_path for s in group):
-                found = [
-                    lora_delta(get_tensor(gm, lora_param_name(adapter, path, "lora_A")),
-                               get_tensor(gm, lora_param_name(adapter, path, "lora_B")),
-                               specs[path].scale, layout)
-                    for adapter, specs in self.adapters.items()
-                    if path in specs
-                ]
+                sites = [s for s in group if s.module_path == path]
+                found = [self._delta(gm, adapter, path, specs[path], layout, sites)
+                         for adapter, specs in self.adapters.items() if path in specs]
+                if len(found) > 1 and any(specs[path].use_dora for specs in self.adapters.values()
+                                          if path in specs):
+                    raise PassError(
+                        f"merging {len(found)} adapters at {path!r}, one of them DoRA: a DoRA merge "
+                        "rescales the whole weight, so the result would depend on their order; "
+                        "merge one adapter at a time")
                 if found:
                     out[(weight_name, path)] = sum(found)
         return out
+
+    @staticmethod
+    def _delta(gm: fx.GraphModule, adapter: str, path: str, spec: LoraSpec, layout: str,
+               sites: list[LinearSite]) -> torch.Tensor:
+        """One adapter's stored pair (and DoRA magnitude) as the change of the weight at ``path``."""
+        a = get_tensor(gm, lora_param_name(adapter, path, "lora_A"))
+        b = get_tensor(gm, lora_param_name(adapter, path, "lora_B"))
+        if not spec.use_dora:
+            return lora_delta(a, b, spec.scale, layout)
+        magnitude = get_tensor(gm, lora_param_name(adapter, path, MAGNITUDE))
+        return dora_delta(sites[0].param_value().detach(), a, b, spec.scale, magnitude, layout)
 
     def install(self, gm: fx.GraphModule, sites: list[LinearSite], weight: torch.Tensor,
                 name: str | None) -> None:
