@@ -55,6 +55,7 @@ def benchmarks() -> dict:
     import bench_fusion
     import bench_gptq_depth
     import bench_grad_checkpointing
+    import bench_loftq
     import bench_lora_train
     import bench_onnx
     import bench_quant
@@ -83,6 +84,7 @@ def benchmarks() -> dict:
         "fusion": bench_fusion.run,
         # AIMET's rows run aimet_minilm.py in GRAPHLORA_AIMET_PYTHON's venv when that is set
         "full_integer": bench_full_integer.run,
+        "loftq": bench_loftq.run,
     }
 
 
@@ -265,6 +267,17 @@ def render(m: dict, results: dict) -> str:
     r = results.get("full_integer")
     if r and "error" not in r:
         out += render_full_integer(r)
+    r = results.get("loftq")
+    if r and "error" not in r:
+        out += [f"## LoftQ init vs the default init on QLoRA MiniLM (LoRA r{r['rank']} on the 36 encoder linears)",
+                "",
+                f"`benchmarks/bench_loftq.py`: the same {r['steps']} distillation steps (lr {r['lr']}) after either "
+                f"init; LoftQ with {r['loftq_iter']} iterations; held-out cosine of mean-pooled embeddings to fp32.",
+                ""]
+        out += _table(["base", "init", "cosine at step 0", f"cosine after {r['steps']} steps", "transform s", "train s"],
+                      ([f"{row['qtype']} g{row['group']}", row["init"], _f(row["cosine_start"], 4),
+                        f"**{_f(row['cosine_trained'], 4)}**", _f(row["transform_s"], 1), _f(row["train_s"], 1)]
+                       for row in r["rows"]))
     r = results.get("gptq_depth")
     if r and "error" not in r:
         out += render_gptq_depth(r)

@@ -14,12 +14,15 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec
+import torch
+
+from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec, initial_factors
 from graphlora.dora import MAGNITUDE
 from graphlora.errors import AdapterError, GraphloraWarning, InputError
 from graphlora.graph_utils import is_own
 from graphlora.io.peft_config import most_common
 from graphlora.io.peft_format import LoraModule, lora_keys
+from graphlora.lora_init import is_base_init
 from graphlora.model import LoraModel
 from graphlora.scaling import alpha_for_scale
 
@@ -65,8 +68,16 @@ def _check_adapter_name(name: str, known: Mapping[str, Any]) -> None:
     # which keeps it a valid directory name
 
 
-def adapter_payload(model: LoraModel, name: str) -> tuple[list[LoraModule], dict[str, Any]]:
-    """The PEFT modules of one adapter and the ``write_adapter`` options for it."""
+def adapter_payload(model: LoraModel, name: str, *, on_original_base: bool = False
+                    ) -> tuple[list[LoraModule], dict[str, Any]]:
+    """The PEFT modules of one adapter and the ``write_adapter`` options for it.
+
+    ``on_original_base``: the adapter is saved without a base model, so whoever loads it puts it on
+    the *original* model. A site whose init changed the base (PiSSA, OLoRA) is then written as a
+    plain LoRA of twice the rank relative to the original weight (PEFT's conversion with
+    ``path_initial_model_for_weight_conversion``); LoftQ's base is not the original one plus a
+    low-rank term, so such a save is refused.
+    """
     specs = model.adapters[name]
     if not specs:
         raise AdapterError(f"adapter {name!r} has no LoRA modules to save")
@@ -77,13 +88,17 @@ def adapter_payload(model: LoraModel, name: str) -> tuple[list[LoraModule], dict
     for path, spec in specs.items():
         a_key, b_key = lora_keys(path)
         magnitude = weights[f"{path}.{MAGNITUDE}.weight"] if spec.use_dora else None
+        rank, alpha, lora_a, lora_b = spec.rank, _peft_alpha(spec, use_rslora), weights[a_key], weights[b_key]
+        if on_original_base and is_base_init(spec.init):
+            rank, lora_a, lora_b = _on_original_base(model, name, path, spec, lora_a, lora_b)
+            alpha = alpha_for_scale(spec.scale, rank, use_rslora)
         modules.append(
             LoraModule(
                 path=path,
-                rank=spec.rank,
-                alpha=_peft_alpha(spec, use_rslora),
-                lora_A=weights[a_key],
-                lora_B=weights[b_key],
+                rank=rank,
+                alpha=alpha,
+                lora_A=lora_a,
+                lora_B=lora_b,
                 fan_in_fan_out=layouts.get(path, False),
                 use_rslora=use_rslora,
                 magnitude=magnitude,
@@ -98,6 +113,28 @@ def adapter_payload(model: LoraModel, name: str) -> tuple[list[LoraModule], dict
         module_names=_module_names(model) | set(specs),
     )
     return modules, options
+
+
+def _on_original_base(model: LoraModel, name: str, path: str, spec: LoraSpec, lora_a: torch.Tensor,
+                      lora_b: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(2r, [A; A0], [B, -B0])``: the residual base is ``W - s B0 A0``, so
+    ``residual + s B A = W + s [B, -B0] [A; A0]`` exactly, at the same scale."""
+    where = f"adapter {name!r} at {path!r} (init={spec.init!r})"
+    if spec.init == "loftq":
+        raise AdapterError(
+            f"{where}: LoftQ's base is its own quantized weight, not the original plus a low-rank "
+            "term, so an adapter without it is wrong on the original model; save base + adapters "
+            "(save_adapters_separately=True), whose base is LoftQ's"
+        )
+    initial = initial_factors(model.graph_module, name, path)
+    if initial is None:
+        raise AdapterError(
+            f"{where}: the factors this init started from are not in the model (it was loaded from "
+            "files), so the adapter cannot be turned into one for the original base; save base + "
+            "adapters (save_adapters_separately=True) instead"
+        )
+    a0, b0 = (t.to(lora_a.dtype) for t in initial)
+    return 2 * spec.rank, torch.cat([lora_a, a0], dim=0), torch.cat([lora_b, -b0], dim=1)
 
 
 def _peft_alpha(spec: LoraSpec, use_rslora: bool) -> float:

@@ -186,7 +186,7 @@ def _plan_adapters(
     layout = adapter_layout(model, adapter_name, selected_adapters)
     prefix = "" if mode == "adapters" else ADAPTERS_SUBDIR
     dirs = {name: "/".join(p for p in (prefix, sub) if p) for name, sub in layout.items()}
-    adapters = {dirs[name]: adapter_payload(model, name) for name in layout}
+    adapters = {dirs[name]: adapter_payload(model, name, on_original_base=mode == "adapters") for name in layout}
     state = config = quantization = None
     if mode == "separate":
         if keep_quantized:
