@@ -158,6 +158,8 @@ def initial_factors(gm: nn.Module, adapter: str, module_path: str) -> tuple[torc
     for part in (adapter, *module_path.split(".")) if module_path else (adapter,):
         module = module._modules.get(part) if module is not None else None
     return getattr(module, INITIAL_ATTR, None) if module is not None else None
+
+
 class Magnitude(nn.Module):
     """DoRA's magnitude vector ``(out,)`` under PEFT's module name, so its parameter is named
     ``<module_path>.lora_magnitude_vector.weight`` as in a PEFT model."""

@@ -6,7 +6,6 @@ original model, or from real PEFT; never from graphlora's DoRA code.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

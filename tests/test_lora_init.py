@@ -134,7 +134,7 @@ def test_loftq_brings_the_quantized_base_closer_to_the_float_weight(base, qtype)
     assert errors[1] <= errors[0] + 1e-6 and errors[2] <= errors[1] + 1e-6
 
 
-def test_a_loftq_adapter_alone_is_refused_and_base_plus_adapters_reload(base, tmp_path):
+def test_a_loftq_adapter_alone_is_refused_without_writing(base, tmp_path):
     inputs = _inputs()
     rule = LoraRule(TARGETS, rank=4, alpha=8, weight_qtype="int4", group_size=32, init="loftq", loftq_iter=2)
     lm = graphlora.transform(copy.deepcopy(base), [rule], (), inputs)
