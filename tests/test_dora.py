@@ -260,3 +260,31 @@ def test_merging_dora_with_a_second_adapter_at_one_site_is_refused():
     lm.add_adapter("other", {"0": graphlora.adapters.LoraSpec(rank=2, alpha=2)})
     with pytest.raises(PassError, match="DoRA"):
         lm.merge(["default", "other"])
+
+
+def test_gpt2_conv1d_sites_match_peft_and_merge(tmp_path):
+    """``Conv1D`` stores its weight (in, out) (PEFT's ``fan_in_fan_out``): the norm is still taken
+    per output feature, and the adapter PEFT loads and the merged model compute graphlora's function."""
+    import copy
+
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+    inputs = {"input_ids": ids(2, 6, vocab=100)}
+    lm = graphlora.transform(copy.deepcopy(base), [LoraRule(r".*\.(c_attn|c_fc|c_proj)", rank=4, alpha=8,
+                                                            use_dora=True)], (), inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(**inputs).logits, base(**inputs).logits, atol=ATOL, rtol=0)
+    _perturb(lm, std=0.1)
+    with torch.no_grad():
+        want = lm(**inputs).logits
+        assert float((want - base(**inputs).logits).abs().max()) > 0.05  # the adapter moved the output
+    lm.save_pretrained(tmp_path, only_save_adapters=True)
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    merged = lm.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(peft(**inputs).logits, want, atol=ATOL, rtol=0)
+        torch.testing.assert_close(merged(**inputs).logits, want, atol=1e-4, rtol=0)
