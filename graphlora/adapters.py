@@ -153,11 +153,11 @@ def set_lora_pair(
 
 def initial_factors(gm: nn.Module, adapter: str, module_path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(A0, B0) a base-changing init started ``module_path``'s pair of ``adapter`` from, or None."""
-    root = gm._modules.get(ADAPTERS_ROOT)
-    module = root
-    for part in (adapter, *module_path.split(".")) if module_path else (adapter,):
-        module = module._modules.get(part) if module is not None else None
-    return getattr(module, INITIAL_ATTR, None) if module is not None else None
+    try:
+        container = gm.get_submodule(_path(adapter, module_path))
+    except AttributeError:
+        return None
+    return getattr(container, INITIAL_ATTR, None)
 
 
 class Magnitude(nn.Module):

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import torch
 
+from graphlora.io.peft_format import MAGNITUDE_KEY
 from graphlora.sites import Layout
 
-#: The name of the magnitude next to ``lora_A``/``lora_B`` (PEFT's attribute name).
-MAGNITUDE = "lora_magnitude_vector"
+#: The name of the magnitude next to ``lora_A``/``lora_B``: PEFT's attribute name, which is also
+#: its key in adapter files (one name, kept by the file format).
+MAGNITUDE = MAGNITUDE_KEY
 
 
 def row_norms(weight: torch.Tensor) -> torch.Tensor:

@@ -121,12 +121,11 @@ def rules_from_data(data: Any, *, source: str = "<rules>") -> list[QuantRule]:
 
 def activation_rules_from_data(data: Any, *, source: str = "<rules>") -> list[ActivationRule]:
     """ActivationRules from already-parsed data: the ``activations`` list of a rules table."""
-    if not isinstance(data, Mapping) or ACTIVATIONS_KEY not in data:
-        if not isinstance(data, (Mapping, list)):
-            _rule_tables(data, source)  # the same error as for the rules
+    if not isinstance(data, Mapping):
+        _rule_tables(data, source)  # a bare list holds rules only; anything else: the rules' error
         return []
     _check_top_level(data, source)
-    tables = data[ACTIVATIONS_KEY]
+    tables = data.get(ACTIVATIONS_KEY, [])
     if not isinstance(tables, list):
         raise RuleError(f"{source}: '{ACTIVATIONS_KEY}' must be a list of tables, got {_type_name(tables)}")
     rules = [_activation_rule_from_table(i, t, source) for i, t in enumerate(tables)]
