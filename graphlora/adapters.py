@@ -20,6 +20,7 @@ from graphlora.errors import AdapterError
 from graphlora.dora import MAGNITUDE
 from graphlora.graph_utils import ensure_container
 from graphlora.scaling import lora_scale
+from graphlora.sites import ConvGeometry
 
 ADAPTERS_ROOT = "graphlora_adapters"
 DEFAULT_ADAPTER = "default"
@@ -81,6 +82,26 @@ def peft_name(module_path: str, which: str) -> str:
     return f"{module_path}.{which}.weight" if module_path else f"{which}.weight"
 
 
+class LoraFactor(nn.Module):
+    """A LoRA factor that is not a matrix of a linear layer (a convolution's ``A`` of shape
+    ``(r, in, *kernel)``, an embedding's factors), named ``.weight`` like PEFT's layers."""
+
+    def __init__(self, shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+
+
+def factor_shapes(rank: int, in_features: int, out_features: int, conv: ConvGeometry | None = None
+                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(A, B)`` shapes of one pair, PEFT's: ``(r, in)`` and ``(out, r)``; for a convolution
+    ``A`` is a convolution with the site's kernel, ``(r, in, *kernel)``, and ``B`` a 1x1
+    convolution in the site's groups, ``(out, r / groups, 1, ...)``."""
+    if conv is None:
+        return (rank, in_features), (out_features, rank)
+    ones = (1,) * conv.dims
+    return (rank, in_features, *conv.kernel_size), (out_features, rank // conv.groups, *ones)
+
+
 def create_lora_pair(
     gm: nn.Module,
     adapter: str,
@@ -91,13 +112,22 @@ def create_lora_pair(
     *,
     dtype: torch.dtype,
     device: torch.device | str,
+    site_kind: str = "linear",
+    conv: ConvGeometry | None = None,
 ) -> tuple[str, str]:
-    """Create (or keep, if present with the right shapes) the A/B weights of one module path."""
+    """Create (or keep, if present with the right shapes) the A/B weights of one module path.
+
+    New factors start as PEFT's for the site's kind: ``B = 0`` and ``A`` kaiming-uniform
+    (``a = sqrt(5)``, over the fan-in of a convolution's kernel too) or N(0, 1/r) (``gaussian``);
+    an embedding's the other way round, ``A = 0`` and ``B`` ~ N(0, 1), as PEFT's
+    ``lora_embedding_A/B``.
+    """
     container = ensure_container(gm, _path(adapter, module_path))
     a_name = lora_param_name(adapter, module_path, "lora_A")
     b_name = lora_param_name(adapter, module_path, "lora_B")
+    a_shape, b_shape = factor_shapes(spec.rank, in_features, out_features, conv)
     existing = container._modules.get("lora_A")
-    if existing is not None and tuple(existing.weight.shape) == (spec.rank, in_features):
+    if existing is not None and tuple(existing.weight.shape) == a_shape:
         return a_name, b_name
     if spec.init not in ("kaiming", "gaussian"):
         # PiSSA/OLoRA/LoftQ factors come from the base weight, set by LoraInitPass before the
@@ -107,9 +137,19 @@ def create_lora_pair(
             "base, which only transform() does (a LoraRule with that init); add this adapter with init "
             "'kaiming' or 'gaussian'"
         )
-    lora_a = nn.Linear(in_features, spec.rank, bias=False, device=device, dtype=dtype)
-    lora_b = nn.Linear(spec.rank, out_features, bias=False, device=device, dtype=dtype)
+    if site_kind == "linear":
+        lora_a = nn.Linear(in_features, spec.rank, bias=False, device=device, dtype=dtype)
+        lora_b = nn.Linear(spec.rank, out_features, bias=False, device=device, dtype=dtype)
+    else:
+        lora_a = LoraFactor(a_shape, dtype=dtype, device=device)
+        lora_b = LoraFactor(b_shape, dtype=dtype, device=device)
     with torch.no_grad():
+        if site_kind == "embedding":
+            nn.init.zeros_(lora_a.weight)
+            nn.init.normal_(lora_b.weight)
+            container.add_module("lora_A", lora_a)
+            container.add_module("lora_B", lora_b)
+            return a_name, b_name
         if spec.init == "gaussian":
             # PEFT's "gaussian": std = 1/rank
             nn.init.normal_(lora_a.weight, std=1.0 / spec.rank)
@@ -188,7 +228,7 @@ def iter_lora_weights(gm: nn.Module, adapter: str) -> Iterator[tuple[str, str, n
     base = root._modules[adapter]
     for name, module in base.named_modules():
         head, _, leaf = name.rpartition(".")
-        if leaf in ("lora_A", "lora_B") and isinstance(module, nn.Linear):
+        if leaf in ("lora_A", "lora_B") and isinstance(module, (nn.Linear, LoraFactor)):
             yield head, leaf, module.weight
         elif leaf == MAGNITUDE and isinstance(module, Magnitude):
             yield head, leaf, module.weight

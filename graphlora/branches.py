@@ -33,23 +33,35 @@ from graphlora import meta
 from graphlora.dora import MAGNITUDE, dora_delta
 from graphlora.errors import PassError
 from graphlora.graph_utils import evaluate
-from graphlora.sites import Layout, LinearSite, tagged_sites
+from graphlora.sites import ConvGeometry, Layout, LinearSite, tagged_sites
 
 aten = torch.ops.aten
 
 LORA_ROLES = frozenset({"lora_a", "lora_b", "lora_dropout", "lora_scale", "lora_add", "lora_gate",
-                        "lora_cast_in", "lora_cast_out", "dora_norm", "dora_scale", "dora_mix"})
+                        "lora_cast_in", "lora_cast_out", "lora_view", "dora_norm", "dora_scale", "dora_mix"})
 QUANTIZER_ROLES = frozenset({"fake_quant", "observer"})
 
 
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, param_layout: Layout) -> torch.Tensor:
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, param_layout: Layout,
+               conv: ConvGeometry | None = None) -> torch.Tensor:
     """``scale * B @ A`` in float32, laid out as the parameter is stored.
 
     The pair has PEFT's shapes in the parameter's orientation (``A (r, in)``, ``B (out, r)``)
     whichever way a use reads it, so the product is ``(out, in)``, transposed for ``(in, out)``
-    (Conv1D) parameters.
+    (Conv1D, embedding) parameters. A convolution's pair (``A (r, in, *k)``, 1x1 ``B``) is a
+    kernel ``(out, in, *k)``: each tap of ``A`` times ``B``. With ``groups > 1`` the pair (a full
+    ``A``, a grouped ``B``) mixes channels across groups, which the grouped weight cannot hold:
+    PEFT cannot merge it either.
     """
-    delta = (b.detach().float() @ a.detach().float()) * scale
+    a, b = a.detach().float(), b.detach().float()
+    if conv is not None:
+        if conv.groups > 1:
+            raise PassError(
+                f"a LoRA pair on a convolution with groups={conv.groups} cannot be merged into its "
+                "weight: A reads every input channel, so the delta is not grouped (PEFT refuses this "
+                "merge too); keep the branch (ONNX lora='branch')")
+        return torch.einsum("or,ri...->oi...", b.flatten(1), a) * scale
+    delta = (b @ a) * scale
     return delta if param_layout == "out_in" else delta.t()
 
 
@@ -84,7 +96,9 @@ class LoraBranch:
     @property
     def ops(self) -> list[fx.Node]:
         """The branch's own computations, input to output (the add and its cast not included)."""
-        order = (self.cast_in, self.dropout, self.a, self.scale, self.b) if self.standard else (
+        spec = self.site.spec
+        a_first = spec.use_layout == spec.param_layout
+        order = (self.cast_in, self.dropout, self.a, self.scale, self.b) if a_first else (
             self.cast_in, self.dropout, self.b, self.scale, self.a)
         return [n for n in order if n is not None]
 
@@ -141,11 +155,13 @@ class LoraBranch:
             magnitude = evaluate(self.magnitude.graph.owning_module, self.magnitude).detach()
             return dora_delta(self.site.param_value().detach(), self.a_value(), self.b_value(),
                               self.scale_value, magnitude, layout)
-        return lora_delta(self.a_value(), self.b_value(), self.scale_value, layout)
+        return lora_delta(self.a_value(), self.b_value(), self.scale_value, layout, self.site.spec.conv)
 
     def _operand(self, op: fx.Node | None, which: str) -> torch.Tensor:
         if op is None:
             raise PassError(f"LoRA branch at {self.site_key!r} ({self.adapter}) has no {which} op")
+        if op.target == aten.embedding.default:  # embedding(A^T, ids): the lookup table is A^T
+            return evaluate(op.graph.owning_module, op.args[0]).detach().t()
         return evaluate(op.graph.owning_module, op.args[1]).detach()
 
 

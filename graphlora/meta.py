@@ -31,6 +31,7 @@ ROLES = (
     "lora_gate",
     "lora_cast_in",
     "lora_cast_out",
+    "lora_view",
     "dora_norm",
     "dora_scale",
     "dora_mix",

@@ -282,19 +282,19 @@ class LoraModel(ModelContents, HuggingFaceSurface, GenerationSupport, nn.Module)
         import re
 
         from graphlora.rules import LoraRule
-        from graphlora.sites import find_linear_sites
+        from graphlora.sites import find_sites
 
         gm = self.graph_module
         tagged = {s.module_path for s in tagged_sites(gm)}
         untagged: dict[str, list] = {}
-        for site in find_linear_sites(gm):
+        for site in find_sites(gm):
             if site.module_path in specs and site.module_path not in tagged and meta.role(site.node) is None:
                 untagged.setdefault(site.module_path, []).append(site)
-        groups: dict[LoraSpec, list[str]] = {}
-        for path in untagged:
-            groups.setdefault(specs[path], []).append(path)
+        groups: dict[tuple[LoraSpec, str], list[str]] = {}
+        for path, sites in untagged.items():
+            groups.setdefault((specs[path], sites[0].spec.site_kind), []).append(path)
         rules = list(self.rules)
-        for spec, paths in groups.items():
+        for (spec, kind), paths in groups.items():
             rule = LoraRule(
                 "|".join(re.escape(p) for p in paths),
                 rank=spec.rank,
@@ -302,6 +302,7 @@ class LoraModel(ModelContents, HuggingFaceSurface, GenerationSupport, nn.Module)
                 dropout=spec.dropout,
                 use_rslora=spec.use_rslora,
                 init=spec.init,
+                site_kinds=(kind,),
             )
             rules.append(rule)
             for path in paths:

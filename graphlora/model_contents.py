@@ -59,7 +59,7 @@ class ModelContents:
                     use_index=s.use_index,
                     rule_index=info["rule_index"],
                     rule=info["rule"],
-                    fan_in_fan_out=s.param_layout == "in_out",
+                    fan_in_fan_out=s.param_layout == "in_out" and s.site_kind == "linear",
                     weight_qtype=info.get("weight_qtype")
                     or (info["weight_encoding"].qtype.name if "weight_encoding" in info else None),
                 )

@@ -25,6 +25,9 @@ DEFAULT_TARGETS = r"(.*\.)?(q_proj|v_proj|query|value|c_attn)"
 
 ACT_CALIBRATIONS = ("minmax", "percentile", "mse")
 LORA_INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")  # and "pissa_niter_K"
+#: What a rule's ``site_kinds`` may name (:attr:`graphlora.sites.SiteSpec.site_kind`): every
+#: spelling of a linear layer, ``nn.Embedding`` lookups, ``nn.Conv1d/2d/3d`` convolutions.
+SITE_KINDS = ("linear", "embedding", "conv")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +47,12 @@ class QuantRule:
     ``max(|min| / 8, max / 7)``), ``"restricted"`` drops the most negative code (int4 -7..7, scale
     ``max|w| / 7``); None takes the qtype's measured default
     (:data:`graphlora.quant.qtypes.DEFAULT_GRIDS`). Asymmetric encodings always use the full range.
+
+    ``site_kinds`` names the kinds of site the rule applies to (:data:`SITE_KINDS`); a site of
+    another kind never sees the rule, so the first rule *of its kind* whose pattern matches wins.
+    Linear layers only by default: adapting embeddings or convolutions is asked for by name
+    (``site_kinds=("linear", "embedding")``), so a ``".*"`` rule written for linears keeps meaning
+    what it meant.
     """
 
     module_path: str = field(default=".*", kw_only=False)
@@ -60,6 +69,12 @@ class QuantRule:
     act_percentile: float = 99.99
     lora_weight_qtype: str | None = None
     lora_act_qtype: str | None = None
+    site_kinds: tuple[str, ...] = ("linear",)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.site_kinds, (list, str)):  # a list from a file or a caller; one kind
+            kinds = [self.site_kinds] if isinstance(self.site_kinds, str) else self.site_kinds
+            object.__setattr__(self, "site_kinds", tuple(kinds))
 
     @property
     def has_lora(self) -> bool:
@@ -283,6 +298,9 @@ def validate_rule(index: int, rule: QuantRule) -> None:
             f"got {rule.weight_calibration!r}"
         )
     _check_grids(where, rule)
+    kinds = rule.site_kinds
+    if not isinstance(kinds, tuple) or not kinds or any(k not in SITE_KINDS for k in kinds):
+        raise RuleError(f"{where}: site_kinds must be a non-empty list of {SITE_KINDS}, got {kinds!r}")
     if rule.act_calibration not in ACT_CALIBRATIONS:
         raise RuleError(
             f"{where}: act_calibration must be one of {ACT_CALIBRATIONS}, got {rule.act_calibration!r}"
@@ -370,14 +388,22 @@ class RuleMatcher:
         self._patterns = [patterns.compile(r.module_path, f"{rule_name(i, r)}: module_path")
                           for i, r in enumerate(self.rules)]
 
-    def first(self, module_path: str) -> RuleMatch | None:
-        """The first rule whose ``module_path`` fully matches ``module_path`` (None: no rule)."""
+    def first(self, module_path: str, site_kind: str = "linear") -> RuleMatch | None:
+        """The first rule for ``site_kind`` sites whose ``module_path`` fully matches
+        ``module_path`` (None: no rule)."""
+        for i, (rule, pattern) in enumerate(zip(self.rules, self._patterns)):
+            if site_kind in rule.site_kinds and pattern.fullmatch(module_path):
+                return RuleMatch(i, rule)
+        return None
+
+    def any_kind(self, module_path: str) -> RuleMatch | None:
+        """The first rule whose pattern matches ``module_path`` whatever its ``site_kinds``."""
         for i, (rule, pattern) in enumerate(zip(self.rules, self._patterns)):
             if pattern.fullmatch(module_path):
                 return RuleMatch(i, rule)
         return None
 
 
-def first_match(module_path: str, rules: Sequence[QuantRule]) -> RuleMatch | None:
+def first_match(module_path: str, rules: Sequence[QuantRule], site_kind: str = "linear") -> RuleMatch | None:
     """The first rule matching ``module_path`` (see :class:`RuleMatcher` to match many paths)."""
-    return RuleMatcher(rules).first(module_path)
+    return RuleMatcher(rules).first(module_path, site_kind)

@@ -249,7 +249,12 @@ def _suggest(key: str, names: Sequence[str]) -> str:
 
 
 def _check_type(where: str, key: str, value: Any, hint: Any, *, required: bool = False) -> Any:
-    """The value if it fits the dataclass annotation (ints are accepted for floats)."""
+    """The value if it fits the dataclass annotation (ints are accepted for floats; a list of
+    strings for a tuple of strings)."""
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise RuleError(f"{where}: field {key!r} must be a list of strings, got {_type_name(value)} {value!r}")
     allowed = typing.get_args(hint) if _is_union(hint) else (hint,)
     if value is None:
         if type(None) in allowed:
@@ -333,7 +338,7 @@ def _rule_table(rule: QuantRule) -> dict[str, Any]:
     for f in order:
         value = getattr(rule, f.name)
         if f.name in ("module_path", "rank") or f.default is MISSING or value != f.default:
-            table[f.name] = value
+            table[f.name] = list(value) if isinstance(value, tuple) else value
     return table
 
 

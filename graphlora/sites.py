@@ -9,6 +9,13 @@ into the node's metadata; every later pass reads the spec and never looks at op 
 For execution fusion it also rewrites any site into the one canonical spelling
 (:meth:`LinearSite.as_linear`), so the fusions match a single op and still cover every site.
 
+Two other kinds of site read a parameter the same way a linear layer does, and LoRA adapts them
+as PEFT does: an embedding lookup (``aten.embedding``: a linear layer on one-hot inputs whose
+weight is stored ``(in, out)`` = ``(num_embeddings, dim)``) and a convolution
+(``aten.conv1d/2d/3d``, ``aten.convolution`` when not transposed: weight
+``(out, in / groups, *kernel)``, its geometry in :class:`ConvGeometry`).
+:attr:`SiteSpec.site_kind` says which of the three a site is; rules name the kinds they apply to.
+
 Weight layout is tracked at two levels. ``param_layout`` is the orientation of the parameter as
 stored (``out_in`` like ``nn.Linear``, ``in_out`` like ``Conv1D``; decided by its first use and
 what PEFT calls ``fan_in_fan_out``); ``use_layout`` is how one particular use reads it. They differ
@@ -34,6 +41,22 @@ aten = torch.ops.aten
 Layout = Literal["out_in", "in_out"]
 
 
+#: the spellings (``SiteSpec.kind``) that are a linear layer
+LINEAR_KINDS = frozenset({"linear", "addmm", "mm", "matmul"})
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """How a convolution site slides its kernel; its LoRA ``A`` slides the same way."""
+
+    dims: int  # 1, 2 or 3
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str  # per-dim zeros, or "same" / "valid"
+    dilation: tuple[int, ...]
+    groups: int
+
+
 @dataclass(frozen=True)
 class SiteSpec:
     """Where the pieces of one linear site are, independent of how the op was spelled."""
@@ -52,6 +75,13 @@ class SiteSpec:
     use_index: int  # 0 for the first use of this module path, 1 for the second, ...
     weight_dtype: str
     weight_device: str
+    conv: ConvGeometry | None = None  # conv sites
+    padding_idx: int | None = None  # embedding sites: the row whose gradient the lookup zeroes
+
+    @property
+    def site_kind(self) -> str:
+        """``"linear"`` (every spelling of one), ``"embedding"`` or ``"conv"``."""
+        return "linear" if self.kind in LINEAR_KINDS else self.kind
 
     @property
     def key(self) -> str:
@@ -123,6 +153,8 @@ class LinearSite:
         model's own spellings, which saving, export and the graph diff show.
         """
         s, node = self.spec, self.node
+        if s.site_kind != "linear":
+            return False
         if node.op == "call_function" and node.target == aten.linear.default and not node.kwargs:
             return False
         bias = self.bias
@@ -320,6 +352,56 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> _Operands | None:
     return _Operands(kind, 0, 1, None, "out_in" if transposed else "in_out", name, param, transposed)
 
 
+_CONV = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
+         aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3}
+
+
+def _int_tuple(value, dims: int, default: int) -> tuple[int, ...]:
+    if value is None:
+        return (default,) * dims
+    if isinstance(value, int):
+        return (value,) * dims
+    out = tuple(int(v) for v in value)
+    return out * dims if len(out) == 1 else out
+
+
+def _describe_other(gm: fx.GraphModule, node: fx.Node) -> tuple[_Operands, dict] | None:
+    """The operands of an embedding lookup or a convolution against a parameter, with the spec
+    fields only those kinds have; None for anything else (a transposed convolution, a lookup
+    into an activation, a kwarg-spelled call)."""
+    if node.op != "call_function" or node.kwargs:
+        return None
+    args = node.args
+    if node.target == aten.embedding.default:
+        found = _resolve_parameter(gm, args[0]) if isinstance(args[0], fx.Node) else None
+        if found is None or len(args) > 4 and args[4] or len(args) > 3 and args[3]:
+            return None  # sparse gradients and scale_grad_by_freq: not what the branch computes
+        padding_idx = args[2] if len(args) > 2 and args[2] is not None and args[2] >= 0 else None
+        name, param = found
+        return _Operands("embedding", 1, 0, None, "in_out", name, param, False), {"padding_idx": padding_idx}
+    if node.target in _CONV:
+        dims, stride, padding, dilation, groups = _CONV[node.target], *(list(args[3:7]) + [None] * 4)[:4]
+    elif node.target == aten.convolution.default and len(args) == 9 and not args[6]:
+        dims = len(args[3])
+        stride, padding, dilation, groups = args[3], args[4], args[5], args[8]
+    else:
+        return None
+    if not isinstance(args[1], fx.Node) or args[1].op != "get_attr" or not _is_activation(gm, args[0]):
+        return None
+    try:
+        param = gm.get_parameter(args[1].target)
+    except AttributeError:
+        return None
+    if param.dim() != dims + 2:
+        return None
+    if not isinstance(padding, str):
+        padding = _int_tuple(padding, dims, 0)
+    geometry = ConvGeometry(dims, tuple(param.shape[2:]), _int_tuple(stride, dims, 1), padding,
+                            _int_tuple(dilation, dims, 1), int(groups or 1))
+    bias_index = 2 if len(args) > 2 and args[2] is not None else None
+    return _Operands("conv", 0, 1, bias_index, "out_in", args[1].target, param, False), {"conv": geometry}
+
+
 def _owner_path(gm: fx.GraphModule, weight_name: str, node: fx.Node, aliases: dict[int, list[str]]) -> str:
     """The module path a site is known by: the module owning its weight.
 
@@ -351,20 +433,33 @@ def _normalise_stack_path(path: str) -> str:
 
 def find_linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
     """Recognise every linear site of ``gm`` (graph order). Nothing is written to the graph."""
+    return find_sites(gm, ("linear",))
+
+
+def find_sites(gm: fx.GraphModule, kinds: tuple[str, ...] = ("linear", "embedding", "conv")) -> list[LinearSite]:
+    """Recognise every site of ``gm`` of the given :attr:`SiteSpec.site_kind` s (graph order)."""
     aliases: dict[int, list[str]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
-    param_layouts: dict[int, Layout] = {}
+    param_layouts: dict[tuple[int, bool], Layout] = {}
     uses: dict[str, int] = {}
     sites: list[LinearSite] = []
     for node in gm.graph.nodes:
         if meta.role(node) is not None and meta.role(node) != "base":
             continue  # nodes graphlora inserted are never sites themselves
-        ops = _describe(gm, node)
+        ops, extra = _describe(gm, node) if "linear" in kinds else None, {}
+        if ops is None and ("embedding" in kinds or "conv" in kinds):
+            ops, extra = _describe_other(gm, node) or (None, {})
+            if ops is not None and ops.kind not in kinds:
+                ops = None
         if ops is None:
             continue
-        param_layout = param_layouts.setdefault(id(ops.param), ops.use_layout)
-        rows, cols = ops.param.shape
+        # an embedding's rows are its inputs, so a tied lm_head (which reads them as outputs) keeps
+        # its own layout: the two are separate PEFT modules with their own factor shapes
+        param_layout = param_layouts.setdefault((id(ops.param), ops.kind == "embedding"), ops.use_layout)
+        rows, cols = ops.param.shape[:2]
+        if ops.kind == "conv":
+            cols *= extra["conv"].groups  # the weight holds in / groups input channels
         out_f, in_f = (rows, cols) if ops.use_layout == "out_in" else (cols, rows)
         path = _owner_path(gm, ops.weight_name, node, aliases)
         use_index = uses.get(path, 0)
@@ -384,6 +479,7 @@ def find_linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
             use_index=use_index,
             weight_dtype=str(ops.param.dtype).replace("torch.", ""),
             weight_device=str(ops.param.device),
+            **extra,
         )
         sites.append(LinearSite(node, spec))
     return sites

@@ -611,13 +611,28 @@ def test_missing_factor_and_bad_shapes(adapter_dir):
     with pytest.raises(AdapterError, match=r"lora_A \[4, 32\] has rank 4 but lora_B \[32, 3\] has rank 3"):
         read_adapter(adapter_dir)
 
-    def conv(t):
-        t[a_key] = torch.zeros(4, 32, 1, 1)
+    def conv(t):  # a Conv2d's pair is read (whether it fits the model is load_adapter's check)
+        t[a_key] = torch.zeros(4, 32, 3, 3)
         t[b_key] = torch.zeros(32, 4, 1, 1)
         return t
 
     edit_weights(adapter_dir, conv)
-    with pytest.raises(AdapterError, match="2-D"):
+    assert tuple(read_adapter(adapter_dir).modules[BERT_QV[0]].lora_A.shape) == (4, 32, 3, 3)
+
+    def bad_conv(t):
+        t[b_key] = torch.zeros(32, 4, 3, 3)
+        return t
+
+    edit_weights(adapter_dir, bad_conv)
+    with pytest.raises(AdapterError, match="lora_B is a 1x1 kernel"):
+        read_adapter(adapter_dir)
+
+    def three_d(t):
+        t[a_key] = torch.zeros(4, 32, 2, 2, 2, 2)
+        return t
+
+    edit_weights(adapter_dir, three_d)
+    with pytest.raises(AdapterError, match="expected 2-D factors"):
         read_adapter(adapter_dir)
 
 
@@ -626,7 +641,7 @@ def test_missing_factor_and_bad_shapes(adapter_dir):
     [
         (".lora_magnitude_vector", "DoRA magnitude"),
         (".lora_B.bias", "lora_B bias"),
-        (".lora_embedding_A", "embedding"),
+        (".lora_embedding_A", "both lora_embedding_A/B keys"),
         (".modules_to_save.default.weight", "modules_to_save"),
         (".weight", "not a LoRA A/B weight"),
     ],

@@ -83,6 +83,7 @@ def adapter_payload(model: LoraModel, name: str, *, on_original_base: bool = Fal
         raise AdapterError(f"adapter {name!r} has no LoRA modules to save")
     weights = model.lora_state_dict(name)
     layouts = {s.module_path: s.fan_in_fan_out for s in model.sites}
+    embeddings = {s.module_path for s in model.sites if s.kind == "embedding"}
     use_rslora = most_common([spec.use_rslora for spec in specs.values()])
     modules = []
     for path, spec in specs.items():
@@ -102,6 +103,7 @@ def adapter_payload(model: LoraModel, name: str, *, on_original_base: bool = Fal
                 fan_in_fan_out=layouts.get(path, False),
                 use_rslora=use_rslora,
                 magnitude=magnitude,
+                embedding=path in embeddings,
             )
         )
     _warn_unloadable_by_peft(model, specs)

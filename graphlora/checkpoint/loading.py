@@ -13,20 +13,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from graphlora import meta
-from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec
+from graphlora.adapters import DEFAULT_ADAPTER, LoraSpec, factor_shapes
 from graphlora.checkpoint.adapter_state import set_active
 from graphlora.checkpoint.layout import is_weights_file, resolve_adapter_dir
 from graphlora.dora import MAGNITUDE
 from graphlora.errors import AdapterError, InputError
 from graphlora.io.peft_config import ADAPTER_CONFIG_NAME
-from graphlora.io.peft_format import LoraAdapter, check_adapter_shapes, lora_keys, read_adapter
+from graphlora.io.peft_format import PEFT_KEY_PREFIX, LoraAdapter, check_adapter_shapes, lora_keys, read_adapter
 from graphlora.model import LoraModel
 from graphlora.passes.insert_lora import param_features
 from graphlora.pipeline import transform
-from graphlora.sites import LinearSite, find_linear_sites, tagged_sites
+from graphlora.sites import LinearSite, find_sites, tagged_sites
 from graphlora.trace import TraceMethod
 from graphlora.validate import check_adapter_name
 
@@ -121,7 +122,7 @@ def _sites_by_path(model: LoraModel) -> dict[str, list[LinearSite]]:
     for site in tagged_sites(gm):
         by_path.setdefault(site.module_path, []).append(site)
     tagged = set(by_path)
-    for site in find_linear_sites(gm):
+    for site in find_sites(gm):
         if site.module_path not in tagged and meta.role(site.node) is None:
             by_path.setdefault(site.module_path, []).append(site)
     return by_path
@@ -137,8 +138,24 @@ def _check_fit(adapter: LoraAdapter, sites: Mapping[str, list[LinearSite]], path
             f"model: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
             f"{_suggestion(unknown[0], sites)}. Was it trained on a different model?"
         )
-    expected = {p: param_features(sites[p][0]) for p in adapter.modules}
+    expected = {p: factor_shapes(m.rank, *param_features(sites[p][0]), sites[p][0].spec.conv)
+                for p, m in adapter.modules.items()}
+    kinds = [p for p, m in adapter.modules.items() if m.embedding != (sites[p][0].spec.site_kind == "embedding")]
+    if kinds:
+        p = kinds[0]
+        raise AdapterError(
+            f"adapter {str(path)!r}: module {p!r} has {'embedding' if adapter.modules[p].embedding else 'linear'} "
+            f"factors (lora_embedding_A/B vs lora_A/B), but it is a {sites[p][0].spec.site_kind} site of this model")
     check_adapter_shapes(adapter, expected)
+    for p, table in adapter.embedding_tables.items():
+        weight = sites[p][0].param_value()
+        if tuple(table.shape) != tuple(weight.shape) or not torch.equal(table.to(weight.dtype), weight):
+            raise AdapterError(
+                f"adapter {str(path)!r} carries its own weight for the embedding {p!r} "
+                f"({PEFT_KEY_PREFIX}{p}.base_layer.weight, {list(table.shape)}) and it differs from the "
+                f"model's {list(weight.shape)}: PEFT would overwrite the model's embedding with it (a resized "
+                "or trained vocabulary). graphlora never changes a base weight on load; load the adapter "
+                "into the model it was trained on")
 
 
 def _suggestion(path: str, sites: Mapping[str, Any]) -> str:

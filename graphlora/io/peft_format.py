@@ -15,6 +15,10 @@ File format
   The shapes do not depend on ``fan_in_fan_out`` (a transformers ``Conv1D`` stores its weight as
   ``(in, out)``, but its LoRA factors are still ``(r, in)`` / ``(out, r)``); the flag only says how
   ``B @ A`` lines up with the base weight when merging.
+* Embeddings (PEFT's ``lora.Embedding``): ``...<path>.lora_embedding_A`` ``(rank, num_embeddings)``
+  and ``...lora_embedding_B`` ``(dim, rank)``, bare parameters (no ``.weight``), delta
+  ``(B @ A).T``. Convolutions: ``lora_A.weight`` ``(rank, in, *kernel)`` and ``lora_B.weight``
+  ``(out, rank / groups, 1, ...)``, the layers PEFT's ``lora.Conv1d/2d/3d`` hold.
 * Scale: ``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``.
 """
 
@@ -54,7 +58,9 @@ __all__ = [
     "check_shapes",
     "lora_keys",
     "lora_shapes",
+    "parse_embedding_key",
     "parse_magnitude_key",
+    "peft_embedding_keys",
     "peft_magnitude_key",
     "parse_lora_key",
     "peft_lora_keys",
@@ -102,6 +108,27 @@ def parse_lora_key(key: str) -> tuple[str, str, str | None] | None:
     path, _, factor = head.rpartition(".")
     if factor in _FACTORS and path and last:
         return path, _FACTORS[factor], last
+    return None
+
+
+EMBEDDING_FACTORS = {"lora_embedding_A": "A", "lora_embedding_B": "B"}
+
+
+def peft_embedding_keys(path: str) -> tuple[str, str]:
+    """The keys PEFT writes for an embedding module's factors (bare parameters, no ``.weight``)."""
+    return tuple(f"{PEFT_KEY_PREFIX}{path}.{name}" for name in EMBEDDING_FACTORS)
+
+
+def parse_embedding_key(key: str) -> tuple[str, str, str | None] | None:
+    """``(module_path, "A" | "B", adapter name or None)`` for an embedding factor key
+    (``<path>.lora_embedding_A`` or ``<path>.lora_embedding_A.<adapter>``), else None."""
+    stripped = key[len(PEFT_KEY_PREFIX) :] if key.startswith(PEFT_KEY_PREFIX) else key
+    head, _, last = stripped.rpartition(".")
+    if last in EMBEDDING_FACTORS and head:
+        return head, EMBEDDING_FACTORS[last], None
+    path, _, factor = head.rpartition(".")
+    if factor in EMBEDDING_FACTORS and path and last:
+        return path, EMBEDDING_FACTORS[factor], last
     return None
 
 
@@ -161,12 +188,17 @@ def check_adapter_shapes(
     *,
     limit: int = 5,
 ) -> None:
-    """Check an adapter against the model: ``expected`` maps module path to ``(in, out)`` (any rank)
-    or ``(rank, in, out)``. Raises :class:`AdapterError` naming keys ``<path>.lora_A.weight`` /
+    """Check an adapter against the model: ``expected`` maps module path to ``(in, out)`` (any rank),
+    ``(rank, in, out)``, or the two factor shapes ``((A shape), (B shape))`` (a convolution's).
+    Raises :class:`AdapterError` naming keys ``<path>.lora_A.weight`` /
     ``<path>.lora_B.weight`` with expected vs found shapes, missing and unexpected modules."""
     modules = adapter.modules if isinstance(adapter, LoraAdapter) else adapter
     want: dict[str, tuple[int, ...]] = {}
     for path, dims in expected.items():
+        if len(dims) == 2 and all(isinstance(d, (tuple, list)) for d in dims):
+            a_key, b_key = lora_keys(path)
+            want[a_key], want[b_key] = (tuple(int(d) for d in dims[0]), tuple(int(d) for d in dims[1]))
+            continue
         dims = tuple(int(d) for d in dims)
         if len(dims) == 2:
             rank = modules[path].rank if path in modules else 0
@@ -206,6 +238,7 @@ class LoraModule:
     fan_in_fan_out: bool = False
     use_rslora: bool = False
     magnitude: torch.Tensor | None = None  # DoRA's lora_magnitude_vector (out,), None: plain LoRA
+    embedding: bool = False  # PEFT's lora_embedding_A/B keys (an nn.Embedding module)
 
     @property
     def scale(self) -> float:
@@ -232,6 +265,9 @@ class LoraAdapter:
     config: dict[str, Any]
     metadata: dict[str, str] = field(default_factory=dict)
     source: str = ""
+    #: The base weight of a targeted embedding, which PEFT saves beside its factors
+    #: (``save_embedding_layers="auto"``: ``<path>.base_layer.weight``), by module path.
+    embedding_tables: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def base_model_name_or_path(self) -> str | None:
@@ -300,9 +336,10 @@ def parse_magnitude_key(key: str) -> tuple[str, str | None] | None:
     return head, tail[1:] or None
 
 
+_BASE_LAYER = ".base_layer.weight"
+
+
 def _unsupported_key(key: str) -> str:
-    if ".lora_embedding_" in key:
-        return "LoRA on an embedding layer"
     if re.search(r"\.lora_B(\.[^.]+)?\.bias$", key):
         return "a lora_B bias (lora_bias)"
     if ".modules_to_save." in key or ".original_module." in key:
@@ -333,8 +370,21 @@ def read_adapter(
     adapter_names: set[str | None] = set()
     problems: list[str] = []
     magnitudes: dict[str, torch.Tensor] = {}
+    embeddings: set[str] = set()
+    linears: set[str] = set()
+    tables: dict[str, tuple[str, torch.Tensor]] = {}  # PEFT's copy of a targeted embedding's weight
     for key, tensor in tensors.items():
         parsed = parse_lora_key(key)
+        if parsed is not None:
+            linears.add(parsed[0])
+        elif (parsed := parse_embedding_key(key)) is not None:
+            embeddings.add(parsed[0])
+        if parsed is not None and parsed[0] in embeddings and parsed[0] in linears:
+            raise FileFormatError(f"{source}: module {parsed[0]!r} has both lora_embedding_A/B keys (an "
+                                  "embedding's) and lora_A/B keys (a linear or convolution layer's)")
+        if parsed is None and key.startswith(PEFT_KEY_PREFIX) and key.endswith(_BASE_LAYER):
+            tables[key[len(PEFT_KEY_PREFIX) : -len(_BASE_LAYER)]] = (key, tensor)
+            continue
         dora_key = parse_magnitude_key(key) if parsed is None else None
         if dora_key is not None:
             check_lora_factor(tensor, key, source=source, error=FileFormatError)
@@ -353,6 +403,7 @@ def read_adapter(
         if factor in slot:
             raise FileFormatError(f"{source}: lora_{factor} of {path!r} appears under more than one key")
         slot[factor] = tensor
+    problems += [f"{key} ({_unsupported_key(key)})" for path, (key, _) in tables.items() if path not in embeddings]
     if problems:
         shown = "; ".join(problems[:5])
         if len(problems) > 5:
@@ -379,16 +430,9 @@ def read_adapter(
         if missing:
             raise AdapterError(f"{source}: module {path!r} has no {' or '.join(missing)} weight")
         a, b = slot["A"], slot["B"]
-        if a.dim() != 2 or b.dim() != 2:
-            raise AdapterError(
-                f"{source}: module {path!r} has lora_A {list(a.shape)} and lora_B {list(b.shape)}; only "
-                "2-D factors of linear layers are supported (convolution LoRA is not)"
-            )
-        if a.shape[0] != b.shape[1]:
-            raise AdapterError(
-                f"{source}: module {path!r}: lora_A {list(a.shape)} has rank {a.shape[0]} but lora_B "
-                f"{list(b.shape)} has rank {b.shape[1]}"
-            )
+        problem = _factor_problem(a, b, path in embeddings)
+        if problem:
+            raise AdapterError(f"{source}: module {path!r}: {problem}")
         rank = resolve_pattern(rank_pattern, path, r_default, matcher=patterns)
         if a.shape[0] != rank:
             raise AdapterError(
@@ -410,8 +454,10 @@ def read_adapter(
             fan_in_fan_out=fan_in_fan_out,
             use_rslora=use_rslora,
             magnitude=magnitudes.get(path),
+            embedding=path in embeddings,
         )
     return LoraAdapter(
+        embedding_tables={p: t for p, (_, t) in tables.items() if p in embeddings},
         modules=modules,
         use_rslora=use_rslora,
         lora_dropout=float(config.get("lora_dropout", 0.0)),
@@ -447,14 +493,32 @@ def _check_magnitudes(config: Mapping[str, Any], factors: Mapping[str, Mapping[s
 # writing
 
 
+def _factor_problem(a: torch.Tensor, b: torch.Tensor, embedding: bool = False) -> str | None:
+    """What is wrong with a pair's shapes, or None: a linear's or an embedding's 2-D ``A (r, in)``
+    and ``B (out, r)``, or a convolution's ``A (r, in, *kernel)`` and 1x1 ``B (out, r / groups, 1..)``."""
+    shapes = f"lora_A {list(a.shape)} and lora_B {list(b.shape)}"
+    if a.dim() == 2 and b.dim() == 2:
+        if a.shape[0] != b.shape[1]:
+            return f"lora_A {list(a.shape)} has rank {a.shape[0]} but lora_B {list(b.shape)} has rank {b.shape[1]}"
+        return None
+    if embedding or not (3 <= a.dim() <= 5 and b.dim() == a.dim()):
+        return (f"{shapes}: expected 2-D factors (linear or embedding), or the 3/4/5-D factors of "
+                "a Conv1d/2d/3d")
+    if any(d != 1 for d in b.shape[2:]) or b.shape[1] < 1 or a.shape[0] % b.shape[1]:
+        return (f"{shapes}: a convolution's lora_B is a 1x1 kernel whose second dim divides the rank "
+                "(rank / groups)")
+    return None
+
+
 def _check_module(m: LoraModule) -> None:
     a, b = m.lora_A, m.lora_B
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         raise ValueError(f"{m.path!r}: lora_A and lora_B must be tensors")
-    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != m.rank or b.shape[1] != m.rank:
+    problem = _factor_problem(a, b, m.embedding)
+    if problem or a.shape[0] != m.rank:
         raise AdapterError(
-            f"{m.path!r}: expected lora_A (rank={m.rank}, in) and lora_B (out, rank={m.rank}), got "
-            f"{list(a.shape)} and {list(b.shape)}"
+            f"{m.path!r}: expected lora_A (rank={m.rank}, in[, kernel]) and lora_B (out, rank[/groups]), "
+            f"got {list(a.shape)} and {list(b.shape)}" + (f" ({problem})" if problem else "")
         )
     if m.magnitude is not None and tuple(m.magnitude.shape) != (b.shape[0],):
         raise AdapterError(f"{m.path!r}: the DoRA magnitude has shape {list(m.magnitude.shape)}, "
@@ -498,7 +562,7 @@ def write_adapter(
     )
     tensors: dict[str, torch.Tensor] = {}
     for m in mods:
-        a_key, b_key = peft_lora_keys(m.path)
+        a_key, b_key = peft_embedding_keys(m.path) if m.embedding else peft_lora_keys(m.path)
         tensors[a_key], tensors[b_key] = m.lora_A, m.lora_B
         if m.magnitude is not None:
             tensors[peft_magnitude_key(m.path)] = m.magnitude

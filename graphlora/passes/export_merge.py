@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from graphlora import meta
 from graphlora.branches import find_branches
-from graphlora.errors import ExportError
+from graphlora.errors import ExportError, PassError
 from graphlora.passes.export_base import ExportPass
 from graphlora.passes.export_grid import store_on_grid
 from graphlora.passes.merge_lora import Deltas, FoldLoraPass
@@ -46,7 +46,10 @@ class MergeLoraForExportPass(ExportPass, FoldLoraPass):
                 continue
             counted.add((br.module_path, br.adapter))
             key = (br.site.spec.weight_name, br.module_path)
-            delta = br.delta()
+            try:
+                delta = br.delta()
+            except PassError as exc:  # a pair no weight can hold (a grouped convolution's)
+                raise ExportError(f"lora='merged' at {br.module_path!r}: {exc}") from None
             out[key] = out[key] + delta if key in out else delta
         return out
 

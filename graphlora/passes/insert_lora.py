@@ -85,8 +85,10 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
     graph = gm.graph
     in_f, out_f = param_features(site)
     dtype = adapter_dtype(getattr(torch, site.spec.weight_dtype), spec.autocast_dtype)
+    kind = site.spec.site_kind
     a_name, b_name = create_lora_pair(
-        gm, adapter, site.module_path, spec, in_f, out_f, dtype=dtype, device=site.spec.weight_device
+        gm, adapter, site.module_path, spec, in_f, out_f, dtype=dtype, device=site.spec.weight_device,
+        site_kind=kind, conv=site.spec.conv,
     )
     dtype = get_tensor(gm, a_name).dtype  # an existing pair keeps the dtype it was made with
     path = site.module_path
@@ -124,24 +126,40 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
     base_dtype = getattr(torch, site.spec.weight_dtype)  # the site's dtype when shapes are unknown
     x_dtype = x_val.dtype if isinstance(x_val, torch.Tensor) else base_dtype
     out_dtype = out_val.dtype if isinstance(out_val, torch.Tensor) else x_dtype
-    casting = x_dtype != dtype
+    # an embedding's input is token ids: the lookup into A^T already gives the factors' dtype
+    casting = (out_dtype if kind == "embedding" else x_dtype) != dtype
     wide = _as_dtype(out_val, dtype, mode, rank_vals) if casting else None  # base-output shape
-    if casting:
+    if casting and kind != "embedding":
         x = emit(aten._to_copy.default, (x,), "lora_cast_in", kwargs={"dtype": dtype},
                  val=_as_dtype(x_val, dtype, mode, rank_vals))
         x_val = x.meta.get("val")
     rank_key = None
-    if isinstance(x_val, torch.Tensor):
-        rank_key = (str(tuple(x_val.shape)), x_val.dtype, str(x_val.device), spec.rank)
+    if isinstance(x_val, torch.Tensor) and kind != "conv":  # a convolution's depends on its geometry
+        rank_key = (kind, str(tuple(x_val.shape)), x_val.dtype, str(x_val.device), spec.rank)
 
     # The scale multiplies the rank-r intermediate rather than the (.., out) result: the same
     # function as PEFT's ``B(A(x)) * scale`` up to float rounding, at r/out of the cost (in
     # backward too). Shapes: dropout/mul keep their input's, the branch output is the base
     # output's, so only the rank-r tensor needs a fake value of its own.
     like_out = None if casting else out
-    if spec.dropout > 0:
+    if spec.dropout > 0 and kind != "embedding":  # PEFT's embedding LoRA has no dropout either
         x = emit(aten.dropout.default, (x, float(spec.dropout), training), "lora_dropout", like=x)
-    if site.spec.use_layout == site.spec.param_layout:
+    if kind == "embedding":  # PEFT's: embedding(ids, A^T) @ B^T * s
+        table = emit(aten.t.default, (a_w,), "lora_view")
+        lookup = (table, x) if site.spec.padding_idx is None else (table, x, site.spec.padding_idx)
+        h = emit(aten.embedding.default, lookup, "lora_a", rank_key=rank_key)
+        h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
+        h = emit(aten.linear.default, (h, b_w), "lora_b", like=like_out, val=wide)
+    elif kind == "conv":  # PEFT's: A slides like the site's kernel, B is 1x1 in the site's groups
+        g = site.spec.conv
+        conv_op = _CONV_OPS[g.dims][isinstance(g.padding, str)]
+        h = emit(conv_op, (x, a_w, None, list(g.stride), g.padding if isinstance(g.padding, str)
+                           else list(g.padding), list(g.dilation), 1), "lora_a")
+        h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
+        ones = [1] * g.dims
+        h = emit(_CONV_OPS[g.dims][False], (h, b_w, None, ones, [0] * g.dims, ones, g.groups), "lora_b",
+                 like=like_out, val=wide)
+    elif site.spec.use_layout == site.spec.param_layout:
         h = emit(aten.linear.default, (x, a_w), "lora_a", rank_key=rank_key)
         h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
         h = emit(aten.linear.default, (h, b_w), "lora_b", like=like_out, val=wide)
@@ -166,6 +184,11 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
                      like=out)
     copy_stack(out, *new_nodes)
     out.replace_all_uses_with(total, delete_user_cb=lambda user: user not in new_nodes)
+
+
+#: convolution ops by dims: (integer padding, string padding "same"/"valid")
+_CONV_OPS = {1: (aten.conv1d.default, aten.conv1d.padding), 2: (aten.conv2d.default, aten.conv2d.padding),
+             3: (aten.conv3d.default, aten.conv3d.padding)}
 
 
 def _magnitude_read(gm, site: LinearSite, adapter: str, spec: LoraSpec, after: fx.Node, mode,

@@ -20,8 +20,8 @@ from graphlora import meta
 from graphlora.errors import GraphloraWarning, RuleError
 from graphlora.passes.base import GraphPass, PassResult
 from graphlora.quant.bnb_blocks import bnb_block_problem
-from graphlora.rules import QuantRule, RuleMatch, RuleMatcher, rule_name
-from graphlora.sites import LinearSite, find_linear_sites
+from graphlora.rules import SITE_KINDS, QuantRule, RuleMatch, RuleMatcher, rule_name
+from graphlora.sites import LinearSite, find_sites
 
 
 @dataclass
@@ -41,13 +41,22 @@ class MatchRulesPass(GraphPass):
         self.matched, self.unmatched, self.problems = [], [], []
         used: set[int] = set()
         matcher = RuleMatcher(self.rules)
-        for site in find_linear_sites(gm):
-            match = matcher.first(site.module_path)
+        kinds = tuple(dict.fromkeys(k for r in self.rules for k in r.site_kinds)) or ("linear",)
+        other_kinds: dict[int, set[str]] = {}  # rule -> kinds of sites its pattern matched but not its kinds
+        for site in find_sites(gm, SITE_KINDS):
+            kind = site.spec.site_kind
+            match = matcher.first(site.module_path, kind) if kind in kinds else None
             if match is None:
-                self.unmatched.append(site)
+                if kind == "linear":
+                    self.unmatched.append(site)
+                else:
+                    near = matcher.any_kind(site.module_path)
+                    if near is not None:
+                        other_kinds.setdefault(near.index, set()).add(kind)
                 continue
             used.add(match.index)
-            problem = _rank_problem(match.rule, site) or _export_problem(match.rule, site)
+            problem = (_rank_problem(match.rule, site) or _kind_problem(match.rule, site)
+                       or _export_problem(match.rule, site))
             if problem is not None:
                 if not self.collect_problems:
                     raise RuleError(f"{rule_name(match.index, match.rule)}: {problem}")
@@ -64,8 +73,11 @@ class MatchRulesPass(GraphPass):
             self.matched.append((site, match))
         self.unused_rules = [i for i in range(len(self.rules)) if i not in used]
         if self.unused_rules:
-            names = "; ".join(rule_name(i, self.rules[i]) for i in self.unused_rules)
-            message = f"{len(self.unused_rules)} rule(s) matched no linear site: {names}"
+            names = "; ".join(rule_name(i, self.rules[i]) + _kinds_hint(other_kinds.get(i))
+                              for i in self.unused_rules)
+            what = ("linear site" if all(self.rules[i].site_kinds == ("linear",) for i in self.unused_rules)
+                    else "site of their site_kinds")
+            message = f"{len(self.unused_rules)} rule(s) matched no {what}: {names}"
             if self.strict:
                 raise RuleError(message + " (strict=True)")
             if not self.collect_problems:
@@ -73,9 +85,41 @@ class MatchRulesPass(GraphPass):
         return PassResult(gm, bool(self.matched))
 
 
+def _kinds_hint(kinds: set[str] | None) -> str:
+    if not kinds:
+        return ""
+    return (f" (its module_path matches {' and '.join(sorted(kinds))} sites; add site_kinds="
+            f"{('linear', *sorted(kinds))!r} to adapt them)")
+
+
+def _kind_problem(rule: QuantRule, site: LinearSite) -> str | None:
+    """Why ``rule`` cannot apply to an embedding or convolution ``site``, or None: those sites get
+    plain LoRA (kaiming or gaussian init) on a float weight, nothing else yet."""
+    kind = site.spec.site_kind
+    if kind == "linear":
+        return None
+    where = f"site {site.spec.key!r} ({kind})"
+    quantized = [f for f in ("weight_qtype", "act_qtype", "lora_weight_qtype", "lora_act_qtype")
+                 if getattr(rule, f) is not None]
+    if quantized:
+        return (f"{where}: {quantized[0]} is not supported on {kind} sites yet (quantize its linear "
+                "layers with a rule whose site_kinds is ('linear',), and LoRA here with another rule)")
+    if getattr(rule, "use_dora", False):
+        return f"{where}: DoRA is supported on linear sites only"
+    if getattr(rule, "init", "kaiming") not in ("kaiming", "gaussian"):
+        return f"{where}: init={rule.init!r} is supported on linear sites only; use 'kaiming' or 'gaussian'"
+    if site.spec.use_layout != site.spec.param_layout:
+        return f"{where}: the weight is also read in the other orientation"
+    conv = site.spec.conv
+    if conv is not None and rule.has_lora and rule.rank % conv.groups:
+        return (f"{where}: rank {rule.rank} is not a multiple of the convolution's groups={conv.groups} "
+                "(B is a 1x1 convolution in those groups, as in PEFT)")
+    return None
+
+
 def _rank_problem(rule: QuantRule, site: LinearSite) -> str | None:
     """Why ``rule``'s LoRA cannot apply to ``site`` (a rank above min(in, out)), or None."""
-    if not rule.has_lora:
+    if not rule.has_lora or site.spec.conv is not None:  # a kernel's fan-in is in * taps: no bound
         return None
     limit = min(site.spec.in_features, site.spec.out_features)
     if rule.rank <= limit:
