@@ -91,13 +91,15 @@ class LoraFactor(nn.Module):
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
 
 
-def factor_shapes(rank: int, in_features: int, out_features: int, conv: ConvGeometry | None = None
-                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def factor_shapes(rank: int, in_features: int, out_features: int, conv: ConvGeometry | None = None,
+                  experts: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(A, B)`` shapes of one pair, PEFT's: ``(r, in)`` and ``(out, r)``; for a convolution
     ``A`` is a convolution with the site's kernel, ``(r, in, *kernel)``, and ``B`` a 1x1
-    convolution in the site's groups, ``(out, r / groups, 1, ...)``."""
+    convolution in the site's groups, ``(out, r / groups, 1, ...)``; for ``experts`` stacked
+    weights one pair per expert, stacked as PEFT's ``ParamWrapper`` does: ``(r * E, in)`` and
+    ``(out, r * E)`` (see :func:`graphlora.branches.expert_factors`)."""
     if conv is None:
-        return (rank, in_features), (out_features, rank)
+        return (rank * experts, in_features), (out_features, rank * experts)
     ones = (1,) * conv.dims
     return (rank, in_features, *conv.kernel_size), (out_features, rank // conv.groups, *ones)
 
@@ -114,6 +116,7 @@ def create_lora_pair(
     device: torch.device | str,
     site_kind: str = "linear",
     conv: ConvGeometry | None = None,
+    experts: int = 1,
 ) -> tuple[str, str]:
     """Create (or keep, if present with the right shapes) the A/B weights of one module path.
 
@@ -125,7 +128,7 @@ def create_lora_pair(
     container = ensure_container(gm, _path(adapter, module_path))
     a_name = lora_param_name(adapter, module_path, "lora_A")
     b_name = lora_param_name(adapter, module_path, "lora_B")
-    a_shape, b_shape = factor_shapes(spec.rank, in_features, out_features, conv)
+    a_shape, b_shape = factor_shapes(spec.rank, in_features, out_features, conv, experts)
     existing = container._modules.get("lora_A")
     if existing is not None and tuple(existing.weight.shape) == a_shape:
         return a_name, b_name
@@ -137,9 +140,9 @@ def create_lora_pair(
             "base, which only transform() does (a LoraRule with that init); add this adapter with init "
             "'kaiming' or 'gaussian'"
         )
-    if site_kind == "linear":
-        lora_a = nn.Linear(in_features, spec.rank, bias=False, device=device, dtype=dtype)
-        lora_b = nn.Linear(spec.rank, out_features, bias=False, device=device, dtype=dtype)
+    if site_kind in ("linear", "experts"):
+        lora_a = nn.Linear(in_features, a_shape[0], bias=False, device=device, dtype=dtype)
+        lora_b = nn.Linear(b_shape[1], out_features, bias=False, device=device, dtype=dtype)
     else:
         lora_a = LoraFactor(a_shape, dtype=dtype, device=device)
         lora_b = LoraFactor(b_shape, dtype=dtype, device=device)

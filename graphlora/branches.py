@@ -33,7 +33,7 @@ from graphlora import meta
 from graphlora.dora import MAGNITUDE, dora_delta
 from graphlora.errors import PassError
 from graphlora.graph_utils import evaluate
-from graphlora.sites import ConvGeometry, Layout, LinearSite, tagged_sites
+from graphlora.sites import ConvGeometry, EinsumGeometry, Layout, LinearSite, tagged_sites
 
 aten = torch.ops.aten
 
@@ -42,8 +42,24 @@ LORA_ROLES = frozenset({"lora_a", "lora_b", "lora_dropout", "lora_scale", "lora_
 QUANTIZER_ROLES = frozenset({"fake_quant", "observer"})
 
 
+def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-expert pairs of a stacked experts site: ``A (r * E, in)`` -> ``(E, r, in)`` (expert
+    ``e``'s rows are ``e * r .. e * r + r - 1``) and ``B (out, r * E)`` -> ``(E, out, r)`` (its
+    columns are ``j * E + e``): PEFT's ``ParamWrapper`` layout, so its files carry over."""
+    a3 = a.reshape(experts, -1, a.shape[-1])
+    b3 = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)
+    return a3, b3
+
+
+def einsum_factors(a: torch.Tensor, b: torch.Tensor, geometry: EinsumGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """An einsum site's pair, stored ``A (r, prod(in))`` / ``B (prod(out), r)``, viewed on the
+    parameter's own labels: ``A (r, *in_dims)``, ``B (*out_dims, r)``."""
+    return a.reshape(a.shape[0], *geometry.in_dims), b.reshape(*geometry.out_dims, b.shape[-1])
+
+
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, param_layout: Layout,
-               conv: ConvGeometry | None = None) -> torch.Tensor:
+               conv: ConvGeometry | None = None, experts: int = 1,
+               einsum: EinsumGeometry | None = None) -> torch.Tensor:
     """``scale * B @ A`` in float32, laid out as the parameter is stored.
 
     The pair has PEFT's shapes in the parameter's orientation (``A (r, in)``, ``B (out, r)``)
@@ -61,6 +77,14 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, param_layout: Lay
                 "weight: A reads every input channel, so the delta is not grouped (PEFT refuses this "
                 "merge too); keep the branch (ONNX lora='branch')")
         return torch.einsum("or,ri...->oi...", b.flatten(1), a) * scale
+    if einsum is not None:  # the product laid out on the parameter's labels
+        av, bv = einsum_factors(a, b, einsum)
+        rank = einsum.spare_label()
+        return torch.einsum(f"{einsum.out_labels}{rank},{rank}{einsum.in_labels}->{einsum.weight}", bv, av) * scale
+    if experts > 1:
+        a3, b3 = expert_factors(a, b, experts)
+        delta = (b3 @ a3) * scale  # (E, out, in)
+        return delta if param_layout == "out_in" else delta.transpose(1, 2)
     delta = (b @ a) * scale
     return delta if param_layout == "out_in" else delta.t()
 
@@ -155,11 +179,16 @@ class LoraBranch:
             magnitude = evaluate(self.magnitude.graph.owning_module, self.magnitude).detach()
             return dora_delta(self.site.param_value().detach(), self.a_value(), self.b_value(),
                               self.scale_value, magnitude, layout)
-        return lora_delta(self.a_value(), self.b_value(), self.scale_value, layout, self.site.spec.conv)
+        spec = self.site.spec
+        return lora_delta(self.a_value(), self.b_value(), self.scale_value, layout, spec.conv, spec.num_experts,
+                          spec.einsum)
 
     def _operand(self, op: fx.Node | None, which: str) -> torch.Tensor:
         if op is None:
             raise PassError(f"LoRA branch at {self.site_key!r} ({self.adapter}) has no {which} op")
+        if self.site.spec.site_kind in ("experts", "einsum"):  # the ops read views of the stored pair
+            stored = self.a_weight if which == "lora_A" else self.b_weight
+            return evaluate(op.graph.owning_module, stored).detach()
         if op.target == aten.embedding.default:  # embedding(A^T, ids): the lookup table is A^T
             return evaluate(op.graph.owning_module, op.args[0]).detach().t()
         return evaluate(op.graph.owning_module, op.args[1]).detach()

@@ -99,8 +99,10 @@ def op_kind(node: fx.Node) -> str | None:
     their own (shape ops, dropout, graphlora's own nodes, integer arithmetic)."""
     if node.op != "call_function":
         return None
-    if meta.role(node) == "base":
-        return "linear"
+    if meta.role(node) == "base":  # a site: an embedding is still an embedding; conv/experts have no kind
+        site = meta.info(node).get("site")
+        kind = site.site_kind if site is not None else "linear"
+        return {"linear": "linear", "einsum": "linear", "embedding": "embedding"}.get(kind)
     if meta.role(node) is not None:
         return None
     kind = _KIND_OF.get(node.target)

@@ -26,8 +26,10 @@ DEFAULT_TARGETS = r"(.*\.)?(q_proj|v_proj|query|value|c_attn)"
 ACT_CALIBRATIONS = ("minmax", "percentile", "mse")
 LORA_INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")  # and "pissa_niter_K"
 #: What a rule's ``site_kinds`` may name (:attr:`graphlora.sites.SiteSpec.site_kind`): every
-#: spelling of a linear layer, ``nn.Embedding`` lookups, ``nn.Conv1d/2d/3d`` convolutions.
-SITE_KINDS = ("linear", "embedding", "conv")
+#: spelling of a linear layer, ``nn.Embedding`` lookups, ``nn.Conv1d/2d/3d`` convolutions, the
+#: stacked ``(experts, ., .)`` weights of a mixture of experts (PEFT's ``target_parameters``),
+#: ``einsum`` contractions of an activation with a parameter (Qwix's einsum LoRA).
+SITE_KINDS = ("linear", "embedding", "conv", "experts", "einsum")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,20 +1,12 @@
-"""Linear sites: one normalised view of "a linear layer in the graph".
+"""Sites: one normalised view of "a layer in the graph", whatever op spells it.
 
-A linear layer reaches a traced graph in many spellings: ``aten.linear`` (``nn.Linear``,
-``F.linear``), ``addmm``/``mm`` against an ``(in, out)`` weight (transformers ``Conv1D``),
-``matmul`` of an activation against a parameter or its transpose (``x @ self.weight.T``), and in
-``symbolic_trace`` graphs ``call_module`` Linear and the torch-level functions. This module is the
-only place that knows those spellings. It recognises them once and writes a :class:`SiteSpec`
-into the node's metadata; every later pass reads the spec and never looks at op targets again.
-For execution fusion it also rewrites any site into the one canonical spelling
+:mod:`graphlora.site_ops` recognises every spelling of every kind of site (a linear layer in any
+of its spellings, an embedding lookup, a convolution, a batched expert GEMM, an einsum against a
+parameter); this module writes what it found into the node's metadata once, as a
+:class:`SiteSpec`, and every later pass reads the spec and never looks at op targets again.
+:attr:`SiteSpec.site_kind` says which kind a site is; rules name the kinds they apply to. For
+execution fusion it also rewrites any linear site into the one canonical spelling
 (:meth:`LinearSite.as_linear`), so the fusions match a single op and still cover every site.
-
-Two other kinds of site read a parameter the same way a linear layer does, and LoRA adapts them
-as PEFT does: an embedding lookup (``aten.embedding``: a linear layer on one-hot inputs whose
-weight is stored ``(in, out)`` = ``(num_embeddings, dim)``) and a convolution
-(``aten.conv1d/2d/3d``, ``aten.convolution`` when not transposed: weight
-``(out, in / groups, *kernel)``, its geometry in :class:`ConvGeometry`).
-:attr:`SiteSpec.site_kind` says which of the three a site is; rules name the kinds they apply to.
 
 Weight layout is tracked at two levels. ``param_layout`` is the orientation of the parameter as
 stored (``out_in`` like ``nn.Linear``, ``in_out`` like ``Conv1D``; decided by its first use and
@@ -25,9 +17,9 @@ delta at that use.
 
 from __future__ import annotations
 
-import operator
+import math
 from dataclasses import dataclass, replace
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
 import torch.fx as fx
@@ -35,26 +27,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphlora import meta
-from graphlora.graph_utils import evaluate, get_tensor
+from graphlora.graph_utils import evaluate
+from graphlora.site_ops import (
+    LINEAR_KINDS,
+    ConvGeometry,
+    EinsumGeometry,
+    Layout,
+    describe_einsum,
+    describe_experts,
+    describe_linear,
+    describe_other,
+    is_grouped_mm,
+    is_vector,
+    strippable_transpose,
+)
 
 aten = torch.ops.aten
-Layout = Literal["out_in", "in_out"]
 
-
-#: the spellings (``SiteSpec.kind``) that are a linear layer
-LINEAR_KINDS = frozenset({"linear", "addmm", "mm", "matmul"})
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """How a convolution site slides its kernel; its LoRA ``A`` slides the same way."""
-
-    dims: int  # 1, 2 or 3
-    kernel_size: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...] | str  # per-dim zeros, or "same" / "valid"
-    dilation: tuple[int, ...]
-    groups: int
+__all__ = ["LINEAR_KINDS", "ConvGeometry", "EinsumGeometry", "Layout", "LinearSite", "SiteSpec", "find_linear_sites",
+           "find_sites", "functionalize_linear_modules", "is_grouped_mm", "iter_site_groups", "tagged_sites"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +68,26 @@ class SiteSpec:
     weight_device: str
     conv: ConvGeometry | None = None  # conv sites
     padding_idx: int | None = None  # embedding sites: the row whose gradient the lookup zeroes
+    #: experts sites: how many experts the stacked ``(E, ., .)`` parameter holds; ``expert_op``
+    #: "grouped_mm" (tokens sorted by expert, ``args[2]`` the offsets) or "bmm" (the op reads
+    #: ``param[expert_ids]``: ``args[weight_index]`` is that ``index`` node)
+    num_experts: int = 1
+    expert_op: str | None = None
+    einsum: EinsumGeometry | None = None  # einsum sites
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The parameter's shape as stored (whatever its layout, kernel or experts)."""
+        in_f, out_f = ((self.in_features, self.out_features) if self.use_layout == self.param_layout
+                       else (self.out_features, self.in_features))
+        if self.conv is not None:
+            return (out_f, in_f // self.conv.groups, *self.conv.kernel_size)
+        if self.einsum is not None:
+            e = self.einsum
+            dims = dict(zip(e.in_labels + e.out_labels, e.in_dims + e.out_dims))
+            return tuple(dims[label] for label in e.weight)
+        shape = (out_f, in_f) if self.param_layout == "out_in" else (in_f, out_f)
+        return (self.num_experts, *shape) if self.site_kind == "experts" else shape
 
     @property
     def site_kind(self) -> str:
@@ -102,12 +113,18 @@ class LinearSite:
 
     @property
     def input(self) -> fx.Node:
+        if self.spec.einsum is not None:  # einsum(equation, [operands])
+            return self.node.args[1][self.spec.input_index]
         return self.node.args[self.spec.input_index]
 
     @property
     def weight_input(self) -> fx.Node:
-        """The node fed to the op as weight (the parameter read, its transpose, or a dequant)."""
-        return self.node.args[self.spec.weight_index]
+        """The node fed to the op as weight (the parameter read, its transpose, or a dequant);
+        for a ``bmm`` experts site, the stacked weight the op's ``index`` reads rows of."""
+        if self.spec.einsum is not None:
+            return self.node.args[1][self.spec.weight_index]
+        read = self.node.args[self.spec.weight_index]
+        return read.args[0] if self.spec.expert_op == "bmm" else read
 
     @property
     def output(self) -> fx.Node:
@@ -115,6 +132,16 @@ class LinearSite:
 
     def replace_weight_input(self, new: fx.Node) -> None:
         """Feed ``new`` exactly as the op reads its weight, leaving other uses alone."""
+        if self.spec.einsum is not None:
+            operands = list(self.node.args[1])
+            operands[self.spec.weight_index] = new
+            self.node.args = (self.node.args[0], operands)
+            return
+        if self.spec.expert_op == "bmm":  # the experts' rows are picked from ``new``
+            index = self.node.args[self.spec.weight_index]
+            self.node.prepend(index)  # after ``new``, which weight passes insert before the op
+            index.args = (new, *index.args[1:])
+            return
         args = list(self.node.args)
         args[self.spec.weight_index] = new
         self.node.args = tuple(args)
@@ -158,11 +185,11 @@ class LinearSite:
         if node.op == "call_function" and node.target == aten.linear.default and not node.kwargs:
             return False
         bias = self.bias
-        if bias is not None and not _is_vector(node.graph.owning_module, bias, s.out_features):
+        if bias is not None and not is_vector(node.graph.owning_module, bias, s.out_features):
             return False
         read, weight, transposed = self.weight_input, self.weight_input, s.weight_transposed
         if s.kind != "linear":  # the op reads (in, out); linear reads (out, in)
-            weight = read.args[0] if _strippable_transpose(read) else self._transpose(read)
+            weight = read.args[0] if strippable_transpose(read) else self._transpose(read)
             transposed = not transposed
         graph = node.graph
         args = (self.input, weight) if bias is None else (self.input, weight, bias)
@@ -183,11 +210,13 @@ class LinearSite:
     def _transpose(self, value: fx.Node) -> fx.Node:
         """A weight-role ``aten.t`` of ``value``, inserted before this site."""
         graph = self.node.graph
+        stacked = self.spec.site_kind == "experts"  # (E, ., .): the last two dims swap
         with graph.inserting_before(self.node):
-            t = graph.call_function(aten.t.default, (value,))
+            t = graph.call_function(aten.transpose.int, (value, -2, -1)) if stacked else (
+                graph.call_function(aten.t.default, (value,)))
         meta.tag(t, "weight", module_path=self.module_path, tensor=self.spec.weight_name)
         if "val" in value.meta:
-            t.meta["val"] = value.meta["val"].t()
+            t.meta["val"] = value.meta["val"].transpose(-2, -1)
         return t
 
     def param_value(self) -> torch.Tensor:
@@ -197,209 +226,11 @@ class LinearSite:
         also works after quantization passes replaced the weight.
         """
         value = evaluate(self.node.graph.owning_module, self.weight_input)
-        return value.t() if self.spec.weight_transposed else value
+        return value.transpose(-2, -1) if self.spec.weight_transposed else value
 
     @property
     def rule(self):
         return meta.info(self.node).get("rule")
-
-
-# --------------------------------------------------------------------------- recognition
-
-_LINEAR = {aten.linear.default, F.linear, torch._C._nn.linear}
-_ADDMM = {aten.addmm.default, torch.addmm}
-_MM = {aten.mm.default, torch.mm}
-_MATMUL = {aten.matmul.default, torch.matmul, operator.matmul}
-
-
-_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.mT.default, torch.t}
-
-
-def _call_kind(node: fx.Node) -> str | None:
-    if node.op == "call_function":
-        if node.target in _LINEAR:
-            return "linear"
-        if node.target in _ADDMM:
-            return "addmm"
-        if node.target in _MM:
-            return "mm"
-        if node.target in _MATMUL:
-            return "matmul"
-    if node.op == "call_method" and node.target in ("matmul", "mm", "__matmul__"):
-        return "matmul" if node.target != "mm" else "mm"
-    return None
-
-
-def _is_2d_transpose(node: fx.Node) -> bool:
-    """True when ``node`` swaps the two dims of a 2-D tensor, in any spelling."""
-    if node.op == "call_function":
-        t = node.target
-        if t in _TRANSPOSES:
-            return True
-        if t in (aten.transpose.int, torch.transpose):
-            dims = {d % 2 for d in node.args[1:3] if isinstance(d, int)}
-            return dims == {0, 1}
-        if t in (aten.permute.default, torch.permute):
-            return list(node.args[1]) in ([1, 0], [-1, -2])
-        if t is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT"):
-            return True
-    if node.op == "call_method":
-        if node.target == "t":
-            return True
-        if node.target == "transpose" and len(node.args) == 3:
-            return {d % 2 for d in node.args[1:3] if isinstance(d, int)} == {0, 1}
-        if node.target == "permute":
-            dims = node.args[1:] if len(node.args) > 2 else node.args[1]
-            return list(dims) in ([1, 0], [-1, -2])
-    return False
-
-
-def _strippable_transpose(node: fx.Node) -> bool:
-    """True when ``node`` is a 2-D transpose whose input is a graph value (to read instead)."""
-    return _is_2d_transpose(node) and isinstance(node.args[0], fx.Node)
-
-
-def _is_vector(gm: fx.GraphModule, node, length: int) -> bool:
-    """True when ``node`` holds a 1-D tensor of ``length`` values, as a linear bias must."""
-    if not isinstance(node, fx.Node):
-        return False
-    value = node.meta.get("val")
-    if value is None and node.op == "get_attr":
-        value = get_tensor(gm, node.target)
-    return isinstance(value, torch.Tensor) and tuple(value.shape) == (length,)
-
-
-def _resolve_parameter(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Parameter] | None:
-    if node.op != "get_attr":
-        return None
-    try:
-        value = gm.get_parameter(node.target)
-    except AttributeError:
-        return None
-    if value.dim() != 2:
-        return None
-    return node.target, value
-
-
-def _weight_operand(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Parameter, bool] | None:
-    """(param name, param, transposed) if ``node`` is a 2-D parameter or its transpose."""
-    found = _resolve_parameter(gm, node)
-    if found:
-        return found[0], found[1], False
-    if isinstance(node, fx.Node) and _strippable_transpose(node):
-        found = _resolve_parameter(gm, node.args[0])
-        if found:
-            return found[0], found[1], True
-    return None
-
-
-def _is_activation(gm: fx.GraphModule, node) -> bool:
-    return isinstance(node, fx.Node) and _weight_operand(gm, node) is None
-
-
-def _scalar_one(value) -> bool:
-    return value is None or value == 1
-
-
-@dataclass(frozen=True)
-class _Operands:
-    """Where one recognised op keeps its activation, weight and bias, and which parameter it reads."""
-
-    kind: str
-    input_index: int
-    weight_index: int
-    bias_index: int | None
-    use_layout: Layout
-    weight_name: str
-    param: nn.Parameter
-    weight_transposed: bool
-
-
-def _describe(gm: fx.GraphModule, node: fx.Node) -> _Operands | None:
-    """The operands of ``node`` if it is a linear layer in one of the recognised spellings."""
-    kind = _call_kind(node)
-    if kind is None:
-        return None
-    args = node.args
-    if kind == "linear":
-        if len(args) < 2 or not _is_activation(gm, args[0]):
-            return None
-        w = _weight_operand(gm, args[1])
-        bias_index = 2 if len(args) > 2 and args[2] is not None else None
-        if bias_index is None and node.kwargs.get("bias") is not None:
-            return None  # bias passed as kwarg: rare, not normalised
-        if w is None:
-            return None
-        name, param, transposed = w
-        return _Operands(kind, 0, 1, bias_index, "in_out" if transposed else "out_in", name, param, transposed)
-    if kind == "addmm":
-        if len(args) != 3 or not _scalar_one(node.kwargs.get("beta")) or not _scalar_one(node.kwargs.get("alpha")):
-            return None
-        if not _is_activation(gm, args[1]):
-            return None
-        w = _weight_operand(gm, args[2])
-        if w is None:
-            return None
-        name, param, transposed = w
-        return _Operands(kind, 1, 2, 0, "out_in" if transposed else "in_out", name, param, transposed)
-    # mm / matmul: activation @ weight
-    if len(args) != 2 or not _is_activation(gm, args[0]):
-        return None
-    w = _weight_operand(gm, args[1])
-    if w is None:
-        return None
-    name, param, transposed = w
-    return _Operands(kind, 0, 1, None, "out_in" if transposed else "in_out", name, param, transposed)
-
-
-_CONV = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
-         aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3}
-
-
-def _int_tuple(value, dims: int, default: int) -> tuple[int, ...]:
-    if value is None:
-        return (default,) * dims
-    if isinstance(value, int):
-        return (value,) * dims
-    out = tuple(int(v) for v in value)
-    return out * dims if len(out) == 1 else out
-
-
-def _describe_other(gm: fx.GraphModule, node: fx.Node) -> tuple[_Operands, dict] | None:
-    """The operands of an embedding lookup or a convolution against a parameter, with the spec
-    fields only those kinds have; None for anything else (a transposed convolution, a lookup
-    into an activation, a kwarg-spelled call)."""
-    if node.op != "call_function" or node.kwargs:
-        return None
-    args = node.args
-    if node.target == aten.embedding.default:
-        found = _resolve_parameter(gm, args[0]) if isinstance(args[0], fx.Node) else None
-        if found is None or len(args) > 4 and args[4] or len(args) > 3 and args[3]:
-            return None  # sparse gradients and scale_grad_by_freq: not what the branch computes
-        padding_idx = args[2] if len(args) > 2 and args[2] is not None and args[2] >= 0 else None
-        name, param = found
-        return _Operands("embedding", 1, 0, None, "in_out", name, param, False), {"padding_idx": padding_idx}
-    if node.target in _CONV:
-        dims, stride, padding, dilation, groups = _CONV[node.target], *(list(args[3:7]) + [None] * 4)[:4]
-    elif node.target == aten.convolution.default and len(args) == 9 and not args[6]:
-        dims = len(args[3])
-        stride, padding, dilation, groups = args[3], args[4], args[5], args[8]
-    else:
-        return None
-    if not isinstance(args[1], fx.Node) or args[1].op != "get_attr" or not _is_activation(gm, args[0]):
-        return None
-    try:
-        param = gm.get_parameter(args[1].target)
-    except AttributeError:
-        return None
-    if param.dim() != dims + 2:
-        return None
-    if not isinstance(padding, str):
-        padding = _int_tuple(padding, dims, 0)
-    geometry = ConvGeometry(dims, tuple(param.shape[2:]), _int_tuple(stride, dims, 1), padding,
-                            _int_tuple(dilation, dims, 1), int(groups or 1))
-    bias_index = 2 if len(args) > 2 and args[2] is not None else None
-    return _Operands("conv", 0, 1, bias_index, "out_in", args[1].target, param, False), {"conv": geometry}
 
 
 def _owner_path(gm: fx.GraphModule, weight_name: str, node: fx.Node, aliases: dict[int, list[str]]) -> str:
@@ -436,7 +267,8 @@ def find_linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
     return find_sites(gm, ("linear",))
 
 
-def find_sites(gm: fx.GraphModule, kinds: tuple[str, ...] = ("linear", "embedding", "conv")) -> list[LinearSite]:
+def find_sites(gm: fx.GraphModule, kinds: tuple[str, ...] = ("linear", "embedding", "conv", "experts", "einsum")
+               ) -> list[LinearSite]:
     """Recognise every site of ``gm`` of the given :attr:`SiteSpec.site_kind` s (graph order)."""
     aliases: dict[int, list[str]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
@@ -447,17 +279,24 @@ def find_sites(gm: fx.GraphModule, kinds: tuple[str, ...] = ("linear", "embeddin
     for node in gm.graph.nodes:
         if meta.role(node) is not None and meta.role(node) != "base":
             continue  # nodes graphlora inserted are never sites themselves
-        ops, extra = _describe(gm, node) if "linear" in kinds else None, {}
+        ops, extra = describe_linear(gm, node) if "linear" in kinds else None, {}
         if ops is None and ("embedding" in kinds or "conv" in kinds):
-            ops, extra = _describe_other(gm, node) or (None, {})
+            ops, extra = describe_other(gm, node) or (None, {})
             if ops is not None and ops.kind not in kinds:
                 ops = None
+        if ops is None and "experts" in kinds:
+            ops, extra = describe_experts(gm, node) or (None, {})
+        if ops is None and "einsum" in kinds:
+            ops, extra = describe_einsum(gm, node) or (None, {})
         if ops is None:
             continue
         # an embedding's rows are its inputs, so a tied lm_head (which reads them as outputs) keeps
         # its own layout: the two are separate PEFT modules with their own factor shapes
         param_layout = param_layouts.setdefault((id(ops.param), ops.kind == "embedding"), ops.use_layout)
-        rows, cols = ops.param.shape[:2]
+        if ops.kind == "einsum":
+            rows, cols = math.prod(extra["einsum"].out_dims), math.prod(extra["einsum"].in_dims)
+        else:
+            rows, cols = ops.param.shape[1:3] if ops.kind == "experts" else ops.param.shape[:2]
         if ops.kind == "conv":
             cols *= extra["conv"].groups  # the weight holds in / groups input channels
         out_f, in_f = (rows, cols) if ops.use_layout == "out_in" else (cols, rows)

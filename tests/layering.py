@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tensors", ("graphlora.quant",)),
     ("files", ("graphlora.io",)),
     ("graph", (
-        "graphlora.graph_utils", "graphlora.sites", "graphlora.branches", "graphlora.adapters", "graphlora.dora", "graphlora.lora_init",
+        "graphlora.graph_utils", "graphlora.site_ops", "graphlora.sites", "graphlora.branches", "graphlora.adapters", "graphlora.dora", "graphlora.lora_init",
         "graphlora.rules", "graphlora.rules_file", "graphlora.trace", "graphlora.training_mode",
         "graphlora.batches", "graphlora.data", "graphlora.diff", "graphlora.signature",
         "graphlora.block_split", "graphlora.activation_checkpointing", "graphlora.op_kinds",

@@ -528,7 +528,6 @@ def test_dora_saved_by_peft_reads_its_magnitudes(tmp_path):
         ({"use_qalora": True}, "QALoRA"),
         ({"lora_bias": True}, "lora_bias"),
         ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
-        ({"target_parameters": ["experts.down_proj"]}, "target_parameters"),
         ({"alora_invocation_tokens": [1, 2]}, "alora_invocation_tokens"),
         ({"use_bdlora": {"nblocks": 2}}, "use_bdlora"),
         ({"modules_to_save": ["classifier"]}, "modules_to_save"),

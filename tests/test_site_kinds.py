@@ -327,8 +327,86 @@ def test_merged_onnx_of_a_grouped_convolution_is_refused(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def _quantized_rules(qtype_emb: str = "int4", qtype_conv: str = "int8"):
+    return [LoraRule("emb", rank=4, weight_qtype=qtype_emb, group_size=8, weight_grid="restricted",
+                     site_kinds=("embedding",)),
+            LoraRule("conv|c2|c3", rank=4, weight_qtype=qtype_conv, weight_grid="restricted", site_kinds=("conv",)),
+            LoraRule("head", rank=4)]
+
+
+def _on_grid_by_hand(model: ConvNet, emb_scale: torch.Tensor) -> ConvNet:
+    """The model with its embedding on a symmetric int4 grid per row and block of 8 with the given
+    scales (fp16, which the caller checks are max|w| / 7) and its convolutions on an int8 grid per
+    output channel (max|w| / 127)."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        w = ref.emb.weight.view(50, 2, 8)
+        scale = emb_scale.float().view(50, 2, 1)
+        # row 0 is the zero padding row: any scale keeps it zero
+        torch.testing.assert_close(scale[1:], w[1:].abs().amax(-1, keepdim=True) / 7, rtol=1e-3, atol=1e-6)
+        ref.emb.weight.copy_(((w / scale).round().clamp(-7, 7) * scale).view(50, 16))
+        for layer in (ref.conv, ref.c2, ref.c3):
+            w = layer.weight
+            scale = w.abs().flatten(1).amax(1).view(-1, *[1] * (w.dim() - 1)) / 127
+            w.copy_((w / scale).round().clamp(-127, 127) * scale)
+    return ref
+
+
+def test_quantized_embedding_and_convolution_weights_are_stored_as_codes():
+    model = _net()
+    lm = graphlora.transform(model, _quantized_rules(), (_tokens(),))
+    assert {s.module_path: s.weight_qtype for s in lm.sites} == {
+        "emb": "int4", "conv": "int8", "c2": "int8", "c3": "int8", "head": None}
+    state = lm.state_dict()
+    assert not any(k.endswith(("emb.weight", "conv.weight", "c2.weight", "c3.weight")) for k in state)
+    tokens = _tokens(seed=8)
+    encoding = lm.encodings()["emb.weight"]
+    assert (encoding.axis, encoding.block_size, encoding.scale.dtype) == (0, 8, torch.float16)
+    with torch.no_grad():
+        for got, want in zip(lm(tokens), _on_grid_by_hand(model, encoding.scale)(tokens)):
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        _perturb(lm)  # LoRA on the quantized base: the branch reads the site's own input
+        got = lm(tokens)
+        merged = lm.merge()(tokens)  # a merged QLoRA model is float
+    for g, m in zip(got, merged):
+        torch.testing.assert_close(m, g, atol=1e-4, rtol=0)
+
+
+def test_quantized_sites_save_keep_quantized_and_export_qdq(tmp_path):
+    import onnx
+
+    from graphlora.onnx import InferenceSession, export_onnx
+
+    lm = graphlora.transform(_net(), _quantized_rules("uint4"), (_tokens(),))
+    _perturb(lm)
+    lm.save_pretrained(tmp_path / "q", keep_quantized=True)
+    again = graphlora.load_quantized(_net(seed=5), tmp_path / "q", (_tokens(),))
+    tokens = _tokens(seed=9)
+    with torch.no_grad():
+        want = lm(tokens)
+        for g, w in zip(again(tokens), want):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+    for mode in ("branch", "merged"):
+        path = tmp_path / f"{mode}.onnx"
+        export_onnx(lm, path, (_tokens(),), lora=mode)
+        session = InferenceSession(path, "cpu", accuracy_level=0)
+        got = session.run(None, {session.get_inputs()[0].name: tokens.numpy()})
+        if mode == "branch":  # merged: W + sBA is quantized again, so it is another function
+            for g, w in zip(got, want):
+                assert rel_err(g, w.numpy()) < 1e-4
+        graph = onnx.load(path).graph
+        dq = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+        codes = {i.name: i.data_type for i in graph.initializer}
+        fed = {n.op_type for n in graph.node for i in n.input if i in dq}
+        assert {"Gather", "Conv"} <= fed
+        assert {codes[dq[o].input[0]] for o in dq if dq[o].input[0] in codes} <= {
+            onnx.TensorProto.UINT4, onnx.TensorProto.INT8}
+
+
 @pytest.mark.parametrize("rule, message", [
-    (LoraRule("c2", rank=2, weight_qtype="int8", site_kinds=("conv",)), "weight_qtype is not supported on conv"),
+    (LoraRule("c2", rank=2, weight_qtype="nf4", site_kinds=("conv",)), "quantized to integer grids"),
+    (LoraRule("c2", rank=2, weight_qtype="int4", group_size=8, site_kinds=("conv",)), "per output channel"),
+    (LoraRule("c2", rank=2, act_qtype="uint8", site_kinds=("conv",)), "act_qtype is not supported on conv"),
     (LoraRule("emb", rank=2, use_dora=True, site_kinds=("embedding",)), "DoRA is supported on linear sites only"),
     (LoraRule("emb", rank=2, init="pissa", site_kinds=("embedding",)), "init='pissa' is supported on linear"),
     (LoraRule("grouped", rank=3, site_kinds=("conv",)), "rank 3 is not a multiple of the convolution's groups=2"),
@@ -347,3 +425,52 @@ def test_site_kinds_are_checked_and_round_trip_through_rules_files(tmp_path):
     assert rules[0].site_kinds == ("embedding", "conv")
     for fmt in ("toml", "json"):
         assert parse_rules(dump_rules(rules, fmt), fmt=fmt) == rules
+
+
+class Einsums(nn.Module):
+    """Two contractions with parameters: several contracted labels (``ij``), and the parameter
+    first with an ellipsis on the activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Module()
+        self.proj.weight = nn.Parameter(torch.randn(4, 6, 5) / 5)
+        self.mix = nn.Parameter(torch.randn(8, 5) / 3)
+
+    def forward(self, x):
+        h = torch.einsum("btij,ijk->btk", x, self.proj.weight)
+        return torch.einsum("hd,...d->...h", self.mix, h)
+
+
+def test_einsum_sites_match_lora_written_out_merge_save_and_export(tmp_path):
+    from graphlora.onnx import InferenceSession, export_onnx
+
+    torch.manual_seed(0)
+    model = Einsums().eval()
+    x = torch.randn(2, 3, 4, 6)
+    lm = graphlora.transform(model, [LoraRule(".*", rank=2, alpha=4, site_kinds=("einsum",))], (x,))
+    assert [(s.module_path, s.kind, s.in_features, s.out_features) for s in lm.sites] == [
+        ("proj", "einsum", 24, 5), ("mix", "einsum", 5, 8)]
+    torch.testing.assert_close(lm(x), model(x), atol=ATOL, rtol=0)
+    _perturb(lm)
+    sd = lm.lora_state_dict()
+    a, b = sd["proj.lora_A.weight"], sd["proj.lora_B.weight"]
+    assert a.shape == (2, 24) and b.shape == (5, 2)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():  # A's columns run over the contracted labels i, j in the parameter's order
+        ref.proj.weight += torch.einsum("kr,rij->ijk", b, a.reshape(2, 4, 6)) * 2.0
+        ref.mix += sd["mix.lora_B.weight"] @ sd["mix.lora_A.weight"] * 2.0
+    x2 = torch.randn(2, 5, 4, 6)
+    with torch.no_grad():
+        want = lm(x2)
+        torch.testing.assert_close(want, ref(x2), atol=ATOL, rtol=0)
+    path = tmp_path / "m.onnx"
+    export_onnx(lm, path, (x,), lora="branch")
+    session = InferenceSession(path, "cpu", accuracy_level=0)
+    assert rel_err(session.run(None, {session.get_inputs()[0].name: x2.numpy()})[0], want.numpy()) < 1e-4
+    with pytest.warns(GraphloraWarning):  # PEFT has no einsum layer: only graphlora loads this adapter
+        lm.save_pretrained(tmp_path / "adapter", only_save_adapters=True)
+    again = graphlora.load_adapter(copy.deepcopy(model), tmp_path / "adapter", example_args=(x,))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x2), want, atol=ATOL, rtol=0)
+        torch.testing.assert_close(lm.merge()(x2), want, atol=1e-4, rtol=0)

@@ -84,6 +84,8 @@ def adapter_payload(model: LoraModel, name: str, *, on_original_base: bool = Fal
     weights = model.lora_state_dict(name)
     layouts = {s.module_path: s.fan_in_fan_out for s in model.sites}
     embeddings = {s.module_path for s in model.sites if s.kind == "embedding"}
+    wrappers = parameter_wrapper_paths(model, [s.module_path for s in model.sites
+                                               if s.kind == "experts" and s.module_path in specs])
     use_rslora = most_common([spec.use_rslora for spec in specs.values()])
     modules = []
     for path, spec in specs.items():
@@ -104,6 +106,7 @@ def adapter_payload(model: LoraModel, name: str, *, on_original_base: bool = Fal
                 use_rslora=use_rslora,
                 magnitude=magnitude,
                 embedding=path in embeddings,
+                peft_path=wrappers.get(path),
             )
         )
     _warn_unloadable_by_peft(model, specs)
@@ -115,6 +118,23 @@ def adapter_payload(model: LoraModel, name: str, *, on_original_base: bool = Fal
         module_names=_module_names(model) | set(specs),
     )
     return modules, options
+
+
+def parameter_wrapper_paths(model: LoraModel, parameters: Sequence[str]) -> dict[str, str]:
+    """PEFT's key path for each targeted stacked parameter (``<module>.<param>``): its module,
+    plus one ``.base_layer`` per parameter of that module targeted after it (in the module's
+    definition order), which is how PEFT nests its ``ParamWrapper`` s (the first one innermost)."""
+    by_owner: dict[str, list[str]] = {}
+    for path in dict.fromkeys(parameters):
+        owner, _, name = path.rpartition(".")
+        by_owner.setdefault(owner, []).append(name)
+    out = {}
+    for owner, names in by_owner.items():
+        order = list(model.graph_module.get_submodule(owner)._parameters)
+        chosen = [n for n in order if n in names]
+        for i, name in enumerate(chosen):
+            out[f"{owner}.{name}"] = owner + ".base_layer" * (len(chosen) - 1 - i)
+    return out
 
 
 def _on_original_base(model: LoraModel, name: str, path: str, spec: LoraSpec, lora_a: torch.Tensor,

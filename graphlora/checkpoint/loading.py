@@ -7,6 +7,7 @@ of this model, every factor's shape — so a bad adapter leaves the model as it 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from collections.abc import Mapping
@@ -23,7 +24,8 @@ from graphlora.checkpoint.layout import is_weights_file, resolve_adapter_dir
 from graphlora.dora import MAGNITUDE
 from graphlora.errors import AdapterError, InputError
 from graphlora.io.peft_config import ADAPTER_CONFIG_NAME
-from graphlora.io.peft_format import PEFT_KEY_PREFIX, LoraAdapter, check_adapter_shapes, lora_keys, read_adapter
+from graphlora.io.peft_format import (PEFT_KEY_PREFIX, LoraAdapter, check_adapter_shapes, lora_keys, parameter_owner,
+                                      read_adapter)
 from graphlora.model import LoraModel
 from graphlora.passes.insert_lora import param_features
 from graphlora.pipeline import transform
@@ -73,6 +75,7 @@ def load_adapter(
         model = _trace_for_adapter(model, example_args, example_kwargs, method, path)
         activate = True if activate is None else activate
     sites = _sites_by_path(model)
+    adapter = _name_parameters(adapter, model, path)
     _check_fit(adapter, sites, path)
     _install(model, adapter, adapter_name, sites, activate, autocast_adapter_dtype)
     return model
@@ -128,6 +131,38 @@ def _sites_by_path(model: LoraModel) -> dict[str, list[LinearSite]]:
     return by_path
 
 
+def _name_parameters(adapter: LoraAdapter, model: LoraModel, path: Path) -> LoraAdapter:
+    """The adapter with each ``target_parameters`` module named by its parameter
+    (``<module>.<param>``, the experts site's path) instead of PEFT's wrapper path."""
+    wrapped = {p: m for p, m in adapter.modules.items() if m.peft_path}
+    if not wrapped:
+        return adapter
+    targets = adapter.config.get("target_parameters") or []
+    owners: dict[str, list[str]] = {}
+    for peft_path in wrapped:
+        owner = parameter_owner(peft_path)[0]
+        if owner not in owners:
+            try:
+                order = list(model.graph_module.get_submodule(owner)._parameters)
+            except AttributeError:
+                raise AdapterError(f"adapter {str(path)!r}: target_parameters module {owner!r} is not a module "
+                                   "of this model") from None
+            owners[owner] = [n for n in order if any(f"{owner}.{n}" == t or f"{owner}.{n}".endswith("." + t)
+                                                     for t in targets)]
+    modules = {}
+    for p, m in adapter.modules.items():
+        if m.peft_path:
+            owner, depth = parameter_owner(p)
+            names = owners[owner]
+            if depth >= len(names):
+                raise AdapterError(f"adapter {str(path)!r}: {p!r} wraps {depth + 1} parameters of {owner!r}, but "
+                                   f"target_parameters selects {len(names)} of them ({names})")
+            p = f"{owner}.{names[len(names) - 1 - depth]}"
+            m = dataclasses.replace(m, path=p)
+        modules[p] = m
+    return dataclasses.replace(adapter, modules=modules)
+
+
 def _check_fit(adapter: LoraAdapter, sites: Mapping[str, list[LinearSite]], path: Path) -> None:
     """Every adapter module must be a linear site of the graph with the factor shapes PEFT would
     build for it (lora_A (r, in), lora_B (out, r) in the weight's stored orientation)."""
@@ -138,7 +173,8 @@ def _check_fit(adapter: LoraAdapter, sites: Mapping[str, list[LinearSite]], path
             f"model: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
             f"{_suggestion(unknown[0], sites)}. Was it trained on a different model?"
         )
-    expected = {p: factor_shapes(m.rank, *param_features(sites[p][0]), sites[p][0].spec.conv)
+    expected = {p: factor_shapes(m.rank, *param_features(sites[p][0]), sites[p][0].spec.conv,
+                                 sites[p][0].spec.num_experts)
                 for p, m in adapter.modules.items()}
     kinds = [p for p, m in adapter.modules.items() if m.embedding != (sites[p][0].spec.site_kind == "embedding")]
     if kinds:

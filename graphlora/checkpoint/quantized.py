@@ -211,15 +211,13 @@ def load_quantized(
     groups = groups_by_weight(tagged_sites(gm))
     for name, entry in entries.items():
         if name not in groups:
-            raise FileFormatError(f"{config_path}: quantized weight {name!r} is not a linear site of this model")
+            raise FileFormatError(f"{config_path}: quantized weight {name!r} is not a site of this model")
         key = name + CODES_SUFFIX
         if key not in state:
             raise FileFormatError(f"{root}: the codes of {name!r} ({key}) are missing")
         where = f"{config_path}: weights[{name!r}]"
         encoding = encoding_from_entry(entry, where)
-        spec = groups[name][0].spec
-        want = (spec.out_features, spec.in_features) if spec.param_layout == "out_in" else (
-            spec.in_features, spec.out_features)
+        want = groups[name][0].spec.weight_shape
         if tuple(encoding.shape) != want:
             raise FileFormatError(f"{where}: the encoding is for shape {list(encoding.shape)}, the "
                                   f"model's weight has shape {list(want)}")

@@ -116,7 +116,6 @@ _UNSUPPORTED_FIELDS: dict[str, str] = {
     "use_qalora": "QALoRA (use_qalora) pools inputs before lora_A",
     "lora_bias": "lora_bias adds a bias to lora_B",
     "layer_replication": "layer_replication duplicates base layers",
-    "target_parameters": "target_parameters applies LoRA to raw parameters, not modules",
     "trainable_token_indices": "trainable_token_indices trains embedding rows",
     "megatron_config": "megatron_config builds Megatron parallel LoRA layers",
     "modules_to_save": "modules_to_save stores fully trained copies of whole modules",
@@ -246,6 +245,7 @@ def build_adapter_config(
     specs = list(modules)
     if not specs:
         raise ValueError("an adapter needs at least one module")
+    parameters = sorted(s.path for s in specs if getattr(s, "peft_path", None))  # target_parameters
     paths = [s.path for s in specs]
     dupes = sorted(p for p, n in Counter(paths).items() if n > 1)
     if dupes:
@@ -272,11 +272,16 @@ def build_adapter_config(
     alphas = [_number(s.alpha) for s in specs]
     r = most_common(ranks)
     alpha = most_common(alphas)
+    odd = [s.path for s, a in zip(specs, alphas) if s.path in parameters and (s.rank != r or a != alpha)]
+    if odd:
+        raise ValueError(f"target_parameters {odd[:3]} need the adapter's common rank {r} and alpha {alpha}: "
+                         "PEFT's rank_pattern / alpha_pattern name modules, not parameters")
     rank_pattern = {f"^{re.escape(s.path)}": s.rank for s in specs if s.rank != r}
     alpha_pattern = {f"^{re.escape(s.path)}": a for s, a in zip(specs, alphas) if a != alpha}
-    fan_flags = [bool(s.fan_in_fan_out) for s in specs]
+    fan_flags = [bool(s.fan_in_fan_out) for s in specs if s.path not in parameters]
     fan_in_fan_out = sum(fan_flags) * 2 > len(fan_flags)
 
+    paths = [p for p in paths if p not in parameters]
     targets: list[str] | str = sorted(paths)
     if module_names is not None:
         names = set(module_names)
@@ -295,6 +300,7 @@ def build_adapter_config(
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         target_modules=targets,
+        target_parameters=parameters or None,
         lora_dropout=float(lora_dropout),
         use_rslora=bool(use_rslora),
         use_dora=bool(use_dora),
@@ -399,6 +405,9 @@ def validate_adapter_config(config: Mapping[str, Any], source: str = ADAPTER_CON
     )
     for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
         _require(isinstance(config.get(name, False), bool), source, f"'{name}' must be true or false")
+    params = config.get("target_parameters")
+    _require(params is None or (isinstance(params, list) and all(isinstance(p, str) and p for p in params)),
+             source, f"'target_parameters' must be null or a list of parameter names, got {params!r}")
     targets = config.get("target_modules")
     _require(_is_names(targets), source,
              f"'target_modules' must be null, a regex string or a list of names, got {targets!r}")

@@ -19,6 +19,9 @@ File format
   and ``...lora_embedding_B`` ``(dim, rank)``, bare parameters (no ``.weight``), delta
   ``(B @ A).T``. Convolutions: ``lora_A.weight`` ``(rank, in, *kernel)`` and ``lora_B.weight``
   ``(out, rank / groups, 1, ...)``, the layers PEFT's ``lora.Conv1d/2d/3d`` hold.
+* ``target_parameters`` (stacked expert weights, PEFT's ``lora.ParamWrapper``): ``lora_A.weight``
+  ``(rank * E, in)`` / ``lora_B.weight`` ``(out, rank * E)`` under the wrapper path
+  (:func:`graphlora.io.peft_keys.parameter_owner`); a module of the file is then the parameter.
 * Scale: ``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``.
 """
 
@@ -42,12 +45,29 @@ from graphlora.io.peft_config import (
     read_adapter_config,
     resolve_pattern,
 )
+from graphlora.io.peft_keys import (
+    BASE_LAYER_SUFFIX,
+    EMBEDDING_FACTORS,
+    MAGNITUDE_KEY,
+    PEFT_KEY_PREFIX,
+    lora_keys,
+    parameter_owner,
+    parse_embedding_key,
+    parse_lora_key,
+    parse_magnitude_key,
+    peft_embedding_keys,
+    peft_lora_keys,
+    peft_magnitude_key,
+    targets_parameters_of,
+)
 from graphlora.io.safetensors_io import read_safetensors, write_json, write_safetensors
 from graphlora.patterns import PatternSet
 from graphlora.scaling import lora_scale
 from graphlora.validate import check_lora_factor
 
 __all__ = [
+    "EMBEDDING_FACTORS",
+    "MAGNITUDE_KEY",
     "ADAPTER_FILES",
     "ADAPTER_LEGACY_WEIGHTS_NAME",
     "ADAPTER_WEIGHTS_NAME",
@@ -59,6 +79,7 @@ __all__ = [
     "lora_keys",
     "lora_shapes",
     "parse_embedding_key",
+    "parameter_owner",
     "parse_magnitude_key",
     "peft_embedding_keys",
     "peft_magnitude_key",
@@ -73,65 +94,6 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 #: Every file an adapter directory holds (what a save replaces, what carrying over skips).
 ADAPTER_FILES = frozenset({ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ADAPTER_LEGACY_WEIGHTS_NAME})
-PEFT_KEY_PREFIX = "base_model.model."
-
-
-# ---------------------------------------------------------------------------------------------
-# keys and shapes
-
-
-def lora_keys(path: str) -> tuple[str, str]:
-    """graphlora's own names for a module's factors: ``<path>.lora_A.weight``, ``<path>.lora_B.weight``."""
-    return f"{path}.lora_A.weight", f"{path}.lora_B.weight"
-
-
-def peft_lora_keys(path: str) -> tuple[str, str]:
-    """The keys PEFT writes in ``adapter_model.safetensors`` for a module path."""
-    a, b = lora_keys(path)
-    return PEFT_KEY_PREFIX + a, PEFT_KEY_PREFIX + b
-
-
-_FACTORS = {"lora_A": "A", "lora_B": "B"}
-
-
-def parse_lora_key(key: str) -> tuple[str, str, str | None] | None:
-    """``(module_path, "A" | "B", adapter_name or None)`` for a LoRA factor key (with or without
-    the ``base_model.model.`` prefix), or ``None`` if ``key`` is not one:
-    ``<path>.lora_A.weight`` or ``<path>.lora_A.<adapter>.weight`` (an adapter name has no dot).
-    String splitting, not a regex: keys come from files and may be arbitrarily long."""
-    stripped = key[len(PEFT_KEY_PREFIX) :] if key.startswith(PEFT_KEY_PREFIX) else key
-    if not stripped.endswith(".weight"):
-        return None
-    head, _, last = stripped[: -len(".weight")].rpartition(".")
-    if last in _FACTORS and head:
-        return head, _FACTORS[last], None
-    path, _, factor = head.rpartition(".")
-    if factor in _FACTORS and path and last:
-        return path, _FACTORS[factor], last
-    return None
-
-
-EMBEDDING_FACTORS = {"lora_embedding_A": "A", "lora_embedding_B": "B"}
-
-
-def peft_embedding_keys(path: str) -> tuple[str, str]:
-    """The keys PEFT writes for an embedding module's factors (bare parameters, no ``.weight``)."""
-    return tuple(f"{PEFT_KEY_PREFIX}{path}.{name}" for name in EMBEDDING_FACTORS)
-
-
-def parse_embedding_key(key: str) -> tuple[str, str, str | None] | None:
-    """``(module_path, "A" | "B", adapter name or None)`` for an embedding factor key
-    (``<path>.lora_embedding_A`` or ``<path>.lora_embedding_A.<adapter>``), else None."""
-    stripped = key[len(PEFT_KEY_PREFIX) :] if key.startswith(PEFT_KEY_PREFIX) else key
-    head, _, last = stripped.rpartition(".")
-    if last in EMBEDDING_FACTORS and head:
-        return head, EMBEDDING_FACTORS[last], None
-    path, _, factor = head.rpartition(".")
-    if factor in EMBEDDING_FACTORS and path and last:
-        return path, EMBEDDING_FACTORS[factor], last
-    return None
-
-
 def lora_shapes(
     rank: int, in_features: int, out_features: int
 ) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -239,6 +201,10 @@ class LoraModule:
     use_rslora: bool = False
     magnitude: torch.Tensor | None = None  # DoRA's lora_magnitude_vector (out,), None: plain LoRA
     embedding: bool = False  # PEFT's lora_embedding_A/B keys (an nn.Embedding module)
+    #: A ``target_parameters`` entry (stacked expert weights): ``path`` names the parameter, and
+    #: its keys sit under PEFT's wrapper path, ``<owner module>`` plus one ``.base_layer`` per
+    #: wrapper around it (see :func:`parameter_owner`). Factors ``(r * E, in)`` / ``(out, r * E)``.
+    peft_path: str | None = None
 
     @property
     def scale(self) -> float:
@@ -314,31 +280,6 @@ def _read_weights(
     )
 
 
-#: How PEFT stores DoRA's magnitude: ``base_model.model.<path>.lora_magnitude_vector`` (no
-#: ``.weight``; PEFT's save drops it), ``...lora_magnitude_vector.<adapter>`` with a name.
-MAGNITUDE_KEY = "lora_magnitude_vector"
-
-
-def peft_magnitude_key(path: str) -> str:
-    """The key PEFT writes for a module's DoRA magnitude."""
-    return f"{PEFT_KEY_PREFIX}{path}.{MAGNITUDE_KEY}"
-
-
-def parse_magnitude_key(key: str) -> tuple[str, str | None] | None:
-    """``(module_path, adapter name or None)`` for a DoRA magnitude key, else None (``.weight``
-    after it, as in a PEFT model's state dict, is accepted too)."""
-    stripped = key[len(PEFT_KEY_PREFIX) :] if key.startswith(PEFT_KEY_PREFIX) else key
-    stripped = stripped[: -len(".weight")] if stripped.endswith(".weight") else stripped
-    marker = f".{MAGNITUDE_KEY}"
-    head, found, tail = stripped.rpartition(marker)
-    if not found or not head or (tail and (not tail.startswith(".") or "." in tail[1:])):
-        return None
-    return head, tail[1:] or None
-
-
-_BASE_LAYER = ".base_layer.weight"
-
-
 def _unsupported_key(key: str) -> str:
     if re.search(r"\.lora_B(\.[^.]+)?\.bias$", key):
         return "a lora_B bias (lora_bias)"
@@ -382,8 +323,8 @@ def read_adapter(
         if parsed is not None and parsed[0] in embeddings and parsed[0] in linears:
             raise FileFormatError(f"{source}: module {parsed[0]!r} has both lora_embedding_A/B keys (an "
                                   "embedding's) and lora_A/B keys (a linear or convolution layer's)")
-        if parsed is None and key.startswith(PEFT_KEY_PREFIX) and key.endswith(_BASE_LAYER):
-            tables[key[len(PEFT_KEY_PREFIX) : -len(_BASE_LAYER)]] = (key, tensor)
+        if parsed is None and key.startswith(PEFT_KEY_PREFIX) and key.endswith(BASE_LAYER_SUFFIX):
+            tables[key[len(PEFT_KEY_PREFIX) : -len(BASE_LAYER_SUFFIX)]] = (key, tensor)
             continue
         dora_key = parse_magnitude_key(key) if parsed is None else None
         if dora_key is not None:
@@ -434,6 +375,13 @@ def read_adapter(
         if problem:
             raise AdapterError(f"{source}: module {path!r}: {problem}")
         rank = resolve_pattern(rank_pattern, path, r_default, matcher=patterns)
+        if targets_parameters_of(config, parameter_owner(path)[0]):  # one pair per expert, stacked
+            if a.shape[0] % rank:
+                raise AdapterError(f"{source}: module {path!r} (target_parameters) has lora_A {list(a.shape)}, "
+                                   f"whose rows are not a multiple of rank {rank} (one block of rows per expert)")
+            modules[path] = LoraModule(path=path, rank=int(rank), alpha=alpha_default, lora_A=a, lora_B=b,
+                                       use_rslora=use_rslora, peft_path=path)
+            continue
         if a.shape[0] != rank:
             raise AdapterError(
                 f"{source}: module {path!r} has rank {a.shape[0]} but {ADAPTER_CONFIG_NAME} gives it "
@@ -515,7 +463,7 @@ def _check_module(m: LoraModule) -> None:
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         raise ValueError(f"{m.path!r}: lora_A and lora_B must be tensors")
     problem = _factor_problem(a, b, m.embedding)
-    if problem or a.shape[0] != m.rank:
+    if problem or (a.shape[0] % m.rank if m.peft_path else a.shape[0] != m.rank):
         raise AdapterError(
             f"{m.path!r}: expected lora_A (rank={m.rank}, in[, kernel]) and lora_B (out, rank[/groups]), "
             f"got {list(a.shape)} and {list(b.shape)}" + (f" ({problem})" if problem else "")
@@ -562,7 +510,7 @@ def write_adapter(
     )
     tensors: dict[str, torch.Tensor] = {}
     for m in mods:
-        a_key, b_key = peft_embedding_keys(m.path) if m.embedding else peft_lora_keys(m.path)
+        a_key, b_key = peft_embedding_keys(m.path) if m.embedding else peft_lora_keys(m.peft_path or m.path)
         tensors[a_key], tensors[b_key] = m.lora_A, m.lora_B
         if m.magnitude is not None:
             tensors[peft_magnitude_key(m.path)] = m.magnitude

@@ -32,9 +32,11 @@ from graphlora.errors import ExportError
 from graphlora.graph_utils import share_storage_copy
 from graphlora.passes.base import GraphPass, PassPipeline, PassRecord
 from graphlora.passes.export_base import PruneUnusedPass
+from graphlora.passes.export_grouped_mm import GroupedMatmulAsGatherPass
 from graphlora.passes.export_grid import StoreGridWeightsPass
 from graphlora.passes.export_lora_inputs import LoraAsInputsPass, LoraInput
 from graphlora.passes.export_merge import MergeLoraForExportPass
+from graphlora.sites import is_grouped_mm
 from graphlora.training_mode import set_training_flags
 
 LoraMode = Literal["merged", "branch", "inputs"]
@@ -55,9 +57,11 @@ def check_lora_mode(lora: str) -> None:
         raise ExportError(f"unknown lora mode {lora!r}; use one of {', '.join(LORA_MODES)}")
 
 
-def export_passes(lora: str, lora_ranks: dict[str, int] | None = None) -> list[GraphPass]:
+def export_passes(lora: str, lora_ranks: dict[str, int] | None = None, *, grouped_mm: bool = False
+                  ) -> list[GraphPass]:
     """The preparation passes of one ``lora=`` mode, in order (``lora_ranks``: the exported rank
-    of each site in ``inputs`` mode)."""
+    of each site in ``inputs`` mode; ``grouped_mm``: the graph has grouped expert GEMMs, which
+    become ops ONNX has)."""
     check_lora_mode(lora)
     passes: list[GraphPass] = []
     if lora == "merged":  # before the grid weights are stored: a merged one keeps its grid
@@ -65,6 +69,8 @@ def export_passes(lora: str, lora_ranks: dict[str, int] | None = None) -> list[G
     passes.append(StoreGridWeightsPass())
     if lora == "inputs":
         passes.append(LoraAsInputsPass(ranks=dict(lora_ranks or {})))
+    if grouped_mm:
+        passes.append(GroupedMatmulAsGatherPass())
     passes.append(PruneUnusedPass())
     return passes
 
@@ -73,7 +79,7 @@ def prepare(gm: fx.GraphModule, lora: str, *, record: bool = False,
             lora_ranks: dict[str, int] | None = None) -> PreparedGraph:
     """A storage-sharing, eval-mode copy of ``gm`` prepared for ``lora`` mode (the passes'
     records in ``pass_log``, with graph texts when ``record``)."""
-    passes = export_passes(lora, lora_ranks)
+    passes = export_passes(lora, lora_ranks, grouped_mm=any(is_grouped_mm(n) for n in gm.graph.nodes))
     gm = share_storage_copy(gm)
     set_training_flags(gm, False)
     pipeline = PassPipeline(passes, record=record)

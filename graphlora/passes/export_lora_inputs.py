@@ -81,6 +81,10 @@ class LoraAsInputsPass(ExportPass):
                     "encodings belong to one adapter and would be wrong for the next; use "
                     "lora='branch' (or 'merged'), or export without LoRA quantization"
                 )
+            if br.site.spec.site_kind != "linear":
+                raise ExportError(
+                    f"lora='inputs' feeds linear sites' factors; {br.module_path!r} is a site of kind "
+                    f"{br.site.spec.site_kind!r}: use lora='branch' (or 'merged')")
             if not br.standard:
                 raise ExportError(
                     f"lora='inputs': the LoRA branch at {br.module_path!r} reads its weight transposed "

@@ -86,9 +86,12 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
     in_f, out_f = param_features(site)
     dtype = adapter_dtype(getattr(torch, site.spec.weight_dtype), spec.autocast_dtype)
     kind = site.spec.site_kind
+    if gate is not None and kind == "experts":
+        raise PassError(f"{site.spec.key!r}: an experts site's rows are tokens sorted by expert, not "
+                        "batch rows, so a mixed-adapter batch cannot gate them; run one adapter per call")
     a_name, b_name = create_lora_pair(
         gm, adapter, site.module_path, spec, in_f, out_f, dtype=dtype, device=site.spec.weight_device,
-        site_kind=kind, conv=site.spec.conv,
+        site_kind=kind, conv=site.spec.conv, experts=site.spec.num_experts,
     )
     dtype = get_tensor(gm, a_name).dtype  # an existing pair keeps the dtype it was made with
     path = site.module_path
@@ -134,7 +137,7 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
                  val=_as_dtype(x_val, dtype, mode, rank_vals))
         x_val = x.meta.get("val")
     rank_key = None
-    if isinstance(x_val, torch.Tensor) and kind != "conv":  # a convolution's depends on its geometry
+    if isinstance(x_val, torch.Tensor) and kind in ("linear", "embedding"):  # others: by their geometry
         rank_key = (kind, str(tuple(x_val.shape)), x_val.dtype, str(x_val.device), spec.rank)
 
     # The scale multiplies the rank-r intermediate rather than the (.., out) result: the same
@@ -158,6 +161,18 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
         h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
         ones = [1] * g.dims
         h = emit(_CONV_OPS[g.dims][False], (h, b_w, None, ones, [0] * g.dims, ones, g.groups), "lora_b",
+                 like=like_out, val=wide)
+    elif kind == "experts":
+        h = _experts_branch(site, spec, a_w, b_w, x, in_f, out_f, emit, like_out, wide)
+    elif kind == "einsum":  # x with A on the parameter's contracted labels, then B onto its free ones
+        g = site.spec.einsum
+        rank = g.spare_label()
+        a_v = emit(aten.reshape.default, (a_w, [spec.rank, *g.in_dims]), "lora_view")
+        b_v = emit(aten.reshape.default, (b_w, [*g.out_dims, spec.rank]), "lora_view")
+        kept = "".join(c for c in g.out if c not in g.out_labels) + rank
+        h = emit(aten.einsum.default, (f"{g.x},{rank}{g.in_labels}->{kept}", [x, a_v]), "lora_a")
+        h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
+        h = emit(aten.einsum.default, (f"{kept},{g.out_labels}{rank}->{g.out}", [h, b_v]), "lora_b",
                  like=like_out, val=wide)
     elif site.spec.use_layout == site.spec.param_layout:
         h = emit(aten.linear.default, (x, a_w), "lora_a", rank_key=rank_key)
@@ -184,6 +199,36 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
                      like=out)
     copy_stack(out, *new_nodes)
     out.replace_all_uses_with(total, delete_user_cb=lambda user: user not in new_nodes)
+
+
+def _experts_branch(site: LinearSite, spec: LoraSpec, a_w, b_w, x, in_f: int, out_f: int, emit, like_out,
+                    wide) -> fx.Node:
+    """Each token through its own expert's pair, with the op the site uses: the stacked factors
+    viewed per expert (graphlora.branches.expert_factors: ``(E, r, in)``, ``(E, out, r)``), then
+    the same grouped GEMM over the same offsets, or ``bmm`` of the rows the same expert ids pick."""
+    experts, rank = site.spec.num_experts, spec.rank
+    a3 = emit(aten.reshape.default, (a_w, [experts, rank, in_f]), "lora_view")
+    b3 = emit(aten.reshape.default, (b_w, [out_f, rank, experts]), "lora_view")
+    b3 = emit(aten.permute.default, (b3, [2, 0, 1]), "lora_view")
+    if site.spec.expert_op == "grouped_mm":  # (S, in) x (E, in, r) -> (S, r) x (E, r, out)
+        offsets = site.node.args[2]
+        a_t = emit(aten.transpose.int, (a3, 1, 2), "lora_view")
+        h = emit(site.node.target, (x, a_t, offsets), "lora_a")
+        h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
+        b_t = emit(aten.transpose.int, (b3, 1, 2), "lora_view")
+        return emit(site.node.target, (h, b_t, offsets), "lora_b", like=like_out, val=wide)
+    ids = site.node.args[site.spec.weight_index].args[1]
+    if site.spec.weight_index == 0:  # W[ids] (S, out, in) @ x (S, in, 1)
+        h = emit(aten.bmm.default, (emit(aten.index.Tensor, (a3, ids), "lora_view"), x), "lora_a")
+        h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
+        return emit(aten.bmm.default, (emit(aten.index.Tensor, (b3, ids), "lora_view"), h), "lora_b",
+                    like=like_out, val=wide)
+    a_t = emit(aten.transpose.int, (a3, 1, 2), "lora_view")  # x (S, 1, in) @ W[ids] (S, in, out)
+    h = emit(aten.bmm.default, (x, emit(aten.index.Tensor, (a_t, ids), "lora_view")), "lora_a")
+    h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
+    b_t = emit(aten.transpose.int, (b3, 1, 2), "lora_view")
+    return emit(aten.bmm.default, (h, emit(aten.index.Tensor, (b_t, ids), "lora_view")), "lora_b",
+                like=like_out, val=wide)
 
 
 #: convolution ops by dims: (integer padding, string padding "same"/"valid")

@@ -19,6 +19,7 @@ import torch.fx as fx
 from graphlora import meta
 from graphlora.errors import GraphloraWarning, RuleError
 from graphlora.passes.base import GraphPass, PassResult
+from graphlora.quant import get_qtype
 from graphlora.quant.bnb_blocks import bnb_block_problem
 from graphlora.rules import SITE_KINDS, QuantRule, RuleMatch, RuleMatcher, rule_name
 from graphlora.sites import LinearSite, find_sites
@@ -99,8 +100,20 @@ def _kind_problem(rule: QuantRule, site: LinearSite) -> str | None:
     if kind == "linear":
         return None
     where = f"site {site.spec.key!r} ({kind})"
-    quantized = [f for f in ("weight_qtype", "act_qtype", "lora_weight_qtype", "lora_act_qtype")
-                 if getattr(rule, f) is not None]
+    quantized = [f for f in ("act_qtype", "lora_weight_qtype", "lora_act_qtype") if getattr(rule, f) is not None]
+    if rule.weight_qtype is not None and kind in ("embedding", "conv"):
+        qtype = get_qtype(rule.weight_qtype)
+        if qtype.kind != "int":
+            return (f"{where}: weight_qtype={rule.weight_qtype!r}: embedding and convolution weights are "
+                    "quantized to integer grids (int8, int4, uint8, uint4, ...), which ONNX's "
+                    "DequantizeLinear feeds to Gather / Conv")
+        if kind == "conv" and rule.group_size is not None:
+            return (f"{where}: group_size={rule.group_size}: a convolution's weight is quantized per "
+                    "output channel (group_size=None)")
+        if rule.weight_method.needs_data:
+            return f"{where}: weight_calibration={rule.weight_calibration!r} runs on linear sites only"
+    elif rule.weight_qtype is not None:
+        quantized.insert(0, "weight_qtype")
     if quantized:
         return (f"{where}: {quantized[0]} is not supported on {kind} sites yet (quantize its linear "
                 "layers with a rule whose site_kinds is ('linear',), and LoRA here with another rule)")
@@ -110,6 +123,9 @@ def _kind_problem(rule: QuantRule, site: LinearSite) -> str | None:
         return f"{where}: init={rule.init!r} is supported on linear sites only; use 'kaiming' or 'gaussian'"
     if site.spec.use_layout != site.spec.param_layout:
         return f"{where}: the weight is also read in the other orientation"
+    if kind == "experts" and getattr(rule, "dropout", 0.0):
+        return (f"{where}: LoRA dropout cannot apply to stacked expert weights (the input of each "
+                "expert's pair is not factored out; PEFT refuses it too); set dropout=0 for this rule")
     conv = site.spec.conv
     if conv is not None and rule.has_lora and rule.rank % conv.groups:
         return (f"{where}: rank {rule.rank} is not a multiple of the convolution's groups={conv.groups} "

@@ -110,7 +110,8 @@ class MergeLoraPass(FoldLoraPass):
         a = get_tensor(gm, lora_param_name(adapter, path, "lora_A"))
         b = get_tensor(gm, lora_param_name(adapter, path, "lora_B"))
         if not spec.use_dora:
-            return lora_delta(a, b, spec.scale, layout, sites[0].spec.conv)
+            site = sites[0].spec
+            return lora_delta(a, b, spec.scale, layout, site.conv, site.num_experts, site.einsum)
         magnitude = get_tensor(gm, lora_param_name(adapter, path, MAGNITUDE))
         return dora_delta(sites[0].param_value().detach(), a, b, spec.scale, magnitude, layout)
 

@@ -38,8 +38,10 @@ WEIGHT_ROOT = f"{QUANT_ROOT}.weight"
 
 
 def weight_axis(site: LinearSite) -> int:
-    """Output-channel axis of the stored parameter: 0 for (out, in), 1 for (in, out)."""
-    return 0 if site.spec.param_layout == "out_in" else 1
+    """Axis of the stored parameter that gets its own scales: the output channels, 0 for
+    (out, in) and for a convolution's (out, in / groups, *kernel), 1 for (in, out); an
+    embedding's rows (axis 0, blocks along ``dim``), as a lookup reads them one token at a time."""
+    return 0 if site.spec.param_layout == "out_in" or site.spec.site_kind == "embedding" else 1
 
 
 def default_scale_dtype(qtype: str, double_quant: bool) -> torch.dtype:
