@@ -60,6 +60,7 @@ class LoraSpec:
     autocast_dtype: bool = True
     loftq_iter: int = 1
     use_dora: bool = False  # DoRA: a magnitude vector next to the pair (graphlora.dora)
+    share_experts: bool = False  # experts sites: one pair for every expert
 
     @property
     def scale(self) -> float:

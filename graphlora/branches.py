@@ -59,7 +59,7 @@ def einsum_factors(a: torch.Tensor, b: torch.Tensor, geometry: EinsumGeometry) -
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, param_layout: Layout,
                conv: ConvGeometry | None = None, experts: int = 1,
-               einsum: EinsumGeometry | None = None) -> torch.Tensor:
+               einsum: EinsumGeometry | None = None, shared: bool = False) -> torch.Tensor:
     """``scale * B @ A`` in float32, laid out as the parameter is stored.
 
     The pair has PEFT's shapes in the parameter's orientation (``A (r, in)``, ``B (out, r)``)
@@ -81,6 +81,9 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, param_layout: Lay
         av, bv = einsum_factors(a, b, einsum)
         rank = einsum.spare_label()
         return torch.einsum(f"{einsum.out_labels}{rank},{rank}{einsum.in_labels}->{einsum.weight}", bv, av) * scale
+    if experts > 1 and shared:  # one pair for every expert
+        delta = ((b @ a) * scale).expand(experts, -1, -1)
+        return delta if param_layout == "out_in" else delta.transpose(1, 2)
     if experts > 1:
         a3, b3 = expert_factors(a, b, experts)
         delta = (b3 @ a3) * scale  # (E, out, in)
@@ -180,8 +183,9 @@ class LoraBranch:
             return dora_delta(self.site.param_value().detach(), self.a_value(), self.b_value(),
                               self.scale_value, magnitude, layout)
         spec = self.site.spec
+        shared = spec.site_kind == "experts" and self.a.target in (aten.linear.default, aten.matmul.default)
         return lora_delta(self.a_value(), self.b_value(), self.scale_value, layout, spec.conv, spec.num_experts,
-                          spec.einsum)
+                          spec.einsum, shared)
 
     def _operand(self, op: fx.Node | None, which: str) -> torch.Tensor:
         if op is None:

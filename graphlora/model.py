@@ -303,6 +303,7 @@ class LoraModel(ModelContents, HuggingFaceSurface, GenerationSupport, nn.Module)
                 use_rslora=spec.use_rslora,
                 init=spec.init,
                 site_kinds=(kind,),
+                share_experts=spec.share_experts,
             )
             rules.append(rule)
             for path in paths:

@@ -40,6 +40,7 @@ def lora_specs_from_rules(gm: fx.GraphModule, autocast_dtype: bool = True) -> di
                 autocast_dtype=autocast_dtype,
                 loftq_iter=rule.loftq_iter,
                 use_dora=rule.use_dora,
+                share_experts=rule.share_experts,
             )
     return specs
 

@@ -125,6 +125,8 @@ class LoraRule(QuantRule):
     row by row by a trainable magnitude over the detached norm of ``W + scale B A``
     (:mod:`graphlora.dora`); the magnitude starts at the base weight's row norms, so a fresh
     model still computes what the original did.
+    ``share_experts``: on ``experts`` sites, one pair shared by every expert (the same ``B A``
+    added to each expert's weight) instead of PEFT's one pair per expert.
     """
 
     rank: int
@@ -134,6 +136,7 @@ class LoraRule(QuantRule):
     use_rslora: bool = False
     loftq_iter: int = 1
     use_dora: bool = False
+    share_experts: bool = False
 
     @property
     def has_lora(self) -> bool:
@@ -321,6 +324,8 @@ def validate_rule(index: int, rule: QuantRule) -> None:
         _check_init(where, rule)
         if not isinstance(rule.use_dora, bool):
             raise RuleError(f"{where}: use_dora must be true or false, got {rule.use_dora!r}")
+        if not isinstance(rule.share_experts, bool):
+            raise RuleError(f"{where}: share_experts must be true or false, got {rule.share_experts!r}")
 
 
 def _check_init(where: str, rule: LoraRule) -> None:

@@ -213,3 +213,39 @@ def test_what_experts_sites_do_not_support_is_refused(tmp_path):
     lm = graphlora.transform(_mixtral("grouped_mm"), RULES[:1], (), _inputs())
     with pytest.raises(ExportError, match="is a site of kind 'experts'"):
         export_onnx(lm, tmp_path / "m.onnx", (), _inputs(), lora="inputs", kv_cache=False)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_one_pair_shared_by_every_expert(tmp_path, implementation):
+    from peft import PeftModel
+
+    model = _mixtral(implementation)
+    rule = LoraRule(r".*experts\.(gate_up_proj|down_proj)", rank=RANK, alpha=4, site_kinds=("experts",),
+                    share_experts=True)
+    lm = graphlora.transform(copy.deepcopy(model), [rule], (), _inputs())
+    sd = lm.lora_state_dict()
+    assert sd["model.layers.0.mlp.experts.down_proj.lora_A.weight"].shape == (RANK, 48)
+    _perturb(lm)
+    sd = lm.lora_state_dict()
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if f"{name}.lora_A.weight" in sd:  # the same B A on every expert's (out, in) weight
+                p += sd[f"{name}.lora_B.weight"] @ sd[f"{name}.lora_A.weight"] * 2.0
+    inputs = _inputs(seed=9)
+    with torch.no_grad():
+        want = lm(**inputs).logits
+        torch.testing.assert_close(want, ref(**inputs).logits, atol=ATOL, rtol=0)
+        merged = lm.merge()(**inputs)
+    merged = merged.logits if hasattr(merged, "logits") else merged["logits"]
+    torch.testing.assert_close(merged, want, atol=1e-4, rtol=0)
+    lm.save_pretrained(tmp_path, only_save_adapters=True)  # written as PEFT's pair per expert
+    peft = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft(**inputs).logits, want, atol=ATOL, rtol=0)
+    from graphlora.onnx import InferenceSession, export_onnx
+
+    export_onnx(lm, tmp_path / "m.onnx", (), _inputs(), lora="branch", kv_cache=False)
+    got = InferenceSession(tmp_path / "m.onnx", "cpu", accuracy_level=0).run(
+        None, {"input_ids": inputs["input_ids"].numpy()})[0]
+    assert rel_err(got, want.numpy()) < 1e-4

@@ -25,6 +25,7 @@ from graphlora.io.peft_format import LoraModule, lora_keys
 from graphlora.lora_init import is_base_init
 from graphlora.model import LoraModel
 from graphlora.scaling import alpha_for_scale
+from graphlora.sites import tagged_sites
 
 __all__ = ["active_as", "adapter_layout", "adapter_payload", "set_active"]
 
@@ -84,6 +85,7 @@ def adapter_payload(model: LoraModel, name: str, *, on_original_base: bool = Fal
     weights = model.lora_state_dict(name)
     layouts = {s.module_path: s.fan_in_fan_out for s in model.sites}
     embeddings = {s.module_path for s in model.sites if s.kind == "embedding"}
+    num_experts = {s.module_path: s.spec.num_experts for s in tagged_sites(model.graph_module)}
     wrappers = parameter_wrapper_paths(model, [s.module_path for s in model.sites
                                                if s.kind == "experts" and s.module_path in specs])
     use_rslora = most_common([spec.use_rslora for spec in specs.values()])
@@ -92,6 +94,9 @@ def adapter_payload(model: LoraModel, name: str, *, on_original_base: bool = Fal
         a_key, b_key = lora_keys(path)
         magnitude = weights[f"{path}.{MAGNITUDE}.weight"] if spec.use_dora else None
         rank, alpha, lora_a, lora_b = spec.rank, _peft_alpha(spec, use_rslora), weights[a_key], weights[b_key]
+        if spec.share_experts:  # PEFT's layout has a pair per expert: each gets the shared one
+            experts = num_experts[path]
+            lora_a, lora_b = lora_a.repeat(experts, 1), lora_b.repeat_interleave(experts, dim=1)
         if on_original_base and is_base_init(spec.init):
             rank, lora_a, lora_b = _on_original_base(model, name, path, spec, lora_a, lora_b)
             alpha = alpha_for_scale(spec.scale, rank, use_rslora)

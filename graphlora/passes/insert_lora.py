@@ -91,7 +91,7 @@ def _insert_branch(gm, site: LinearSite, adapter: str, spec: LoraSpec, training:
                         "batch rows, so a mixed-adapter batch cannot gate them; run one adapter per call")
     a_name, b_name = create_lora_pair(
         gm, adapter, site.module_path, spec, in_f, out_f, dtype=dtype, device=site.spec.weight_device,
-        site_kind=kind, conv=site.spec.conv, experts=site.spec.num_experts,
+        site_kind=kind, conv=site.spec.conv, experts=1 if spec.share_experts else site.spec.num_experts,
     )
     dtype = get_tensor(gm, a_name).dtype  # an existing pair keeps the dtype it was made with
     path = site.module_path
@@ -207,6 +207,14 @@ def _experts_branch(site: LinearSite, spec: LoraSpec, a_w, b_w, x, in_f: int, ou
     viewed per expert (graphlora.branches.expert_factors: ``(E, r, in)``, ``(E, out, r)``), then
     the same grouped GEMM over the same offsets, or ``bmm`` of the rows the same expert ids pick."""
     experts, rank = site.spec.num_experts, spec.rank
+    if spec.share_experts:  # one pair for all: the same B A after every expert's weight
+        if site.spec.expert_op == "bmm" and site.spec.weight_index == 0:  # W[ids] @ x (S, in, 1)
+            h = emit(aten.matmul.default, (a_w, x), "lora_a")
+            h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
+            return emit(aten.matmul.default, (b_w, h), "lora_b", like=like_out, val=wide)
+        h = emit(aten.linear.default, (x, a_w), "lora_a")  # x (S, in) or (S, 1, in)
+        h = emit(aten.mul.Tensor, (h, float(spec.scale)), "lora_scale", like=h)
+        return emit(aten.linear.default, (h, b_w), "lora_b", like=like_out, val=wide)
     a3 = emit(aten.reshape.default, (a_w, [experts, rank, in_f]), "lora_view")
     b3 = emit(aten.reshape.default, (b_w, [out_f, rank, experts]), "lora_view")
     b3 = emit(aten.permute.default, (b3, [2, 0, 1]), "lora_view")

@@ -111,7 +111,7 @@ class MergeLoraPass(FoldLoraPass):
         b = get_tensor(gm, lora_param_name(adapter, path, "lora_B"))
         if not spec.use_dora:
             site = sites[0].spec
-            return lora_delta(a, b, spec.scale, layout, site.conv, site.num_experts, site.einsum)
+            return lora_delta(a, b, spec.scale, layout, site.conv, site.num_experts, site.einsum, spec.share_experts)
         magnitude = get_tensor(gm, lora_param_name(adapter, path, MAGNITUDE))
         return dora_delta(sites[0].param_value().detach(), a, b, spec.scale, magnitude, layout)
 
