@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -37,8 +39,17 @@ METHODS = ("mse", "gptq", "seqmse", "adaround")
 GRIDS = ("full", "restricted")
 #: whole-graph step-3 rows: names of bench_full_integer.placements()
 WHOLE_GRAPH = ("mse_u8", "add16_lin16_mse")
-#: step-3 activation calibrations at the linears (the rule's act_calibration)
-ACT_CALIBRATIONS = ("minmax", "mse")
+QKV = r"encoder\.layer\.\d+\.attention\.self\.(query|key|value)"
+#: step-3 activation calibrations at the linears' inputs (and their LoRA tensors): name ->
+#: (description, [(module-path regex, the rule's act_calibration)], first match wins)
+ACT_CHOICES = {
+    "minmax": ("min-max", [(".*", "minmax")]),
+    "mse": ("mse", [(".*", "mse")]),
+    # per site kind: the query/key/value input (a LayerNorm output) keeps its outliers better
+    # with min-max, the other inputs lose less with mse (each kind alone on the fp32 model)
+    "qkv_minmax": ("min-max at query/key/value, mse elsewhere", [(QKV, "minmax"), (".*", "mse")]),
+}
+ACT_CALIBRATIONS = ("minmax", "mse", "qkv_minmax")
 
 
 def _data(calib_sentences: int, batch_size: int):
@@ -81,19 +92,37 @@ def _step1(d: dict, method: str, grid: str | None, rank: int, progress: bool):
                   "calibrate_s": seconds}
 
 
+@dataclasses.dataclass
+class RetagActCalibration:
+    """Set each site rule's ``act_calibration`` from the first ``(regex, calibration)`` whose regex
+    full-matches the site's module path (what the workflows' RetagRulesPass does, per site)."""
+
+    choices: list
+
+    def __call__(self, model) -> None:
+        from graphlora import meta
+        from graphlora.sites import tagged_sites
+
+        for site in tagged_sites(model.graph_module):
+            if site.rule is None:
+                continue
+            calibration = next(c for pattern, c in self.choices if re.fullmatch(pattern, site.module_path))
+            meta.tag(site.node, "base", rule=dataclasses.replace(site.rule, act_calibration=calibration))
+
+
 def _step3(d: dict, model, act_calibration: str, placement: str | None, progress: bool) -> dict:
     """PTQ on a copy of the trained model: the rules' int8 activations (and LoRA encodings),
     plus a whole-graph placement when named."""
     import graphlora
     from graphlora.recipes import heldout_cosine
-    from graphlora.workflows import RetagRulesPass
 
     import bench_full_integer
 
     lm = copy.deepcopy(model)
-    lm.run_passes([RetagRulesPass({"act_calibration": act_calibration})])
+    text, choices = ACT_CHOICES[act_calibration]
+    RetagActCalibration(choices)(lm)
     rules = None
-    description = f"int8 {act_calibration} at the linears' inputs and LoRA tensors"
+    description = f"int8 {text} at the linears' inputs and LoRA tensors"
     if placement is not None:
         text, rules = bench_full_integer.placements()[placement]
         description += f"; whole graph: {text}"
@@ -157,15 +186,18 @@ def run(steps: int = 300, lr: float = 2e-4, rank: int = 16, methods=METHODS, gri
         show({k: out[k] for k in ("step1_method", "steps", "lr", "step2_train_s", "best_step", "cos_step2")})
 
         for act_calibration in act_calibrations:
-            for placement in (None, *whole_graph):
-                row = _step3(d, flow.model, act_calibration, placement, progress)
-                out["step3_rows"].append(row)
-                show(row)
-        linears = [r for r in out["step3_rows"] if r["placement"] == "linears"]
-        if linears:
-            top = max(linears, key=lambda r: r["cosine"])
+            row = _step3(d, flow.model, act_calibration, None, progress)
+            out["step3_rows"].append(row)
+            show(row)
+        if out["step3_rows"]:
+            top = max(out["step3_rows"], key=lambda r: r["cosine"])
             out["cos_step3_int8_act"] = top["cosine"]
             out["step3_act_calibration"] = top["act_calibration"]
+        # the whole-graph placements on top of the best calibration at the linears
+        for placement in whole_graph:
+            row = _step3(d, flow.model, out.get("step3_act_calibration", "minmax"), placement, progress)
+            out["step3_rows"].append(row)
+            show(row)
     finally:
         torch.set_num_threads(before)
     out["total_s"] = time.perf_counter() - t_all
@@ -183,7 +215,7 @@ if __name__ == "__main__":
     ap.add_argument("--no-grids", action="store_true", help="skip the full/restricted grid rows")
     ap.add_argument("--train-method", help="start step 2 from this method (default: the best step-1 one)")
     ap.add_argument("--calib-sentences", type=int, default=512)
-    ap.add_argument("--act-calibrations", nargs="*", default=list(ACT_CALIBRATIONS))
+    ap.add_argument("--act-calibrations", nargs="*", default=list(ACT_CALIBRATIONS), choices=list(ACT_CHOICES))
     ap.add_argument("--whole-graph", nargs="*", default=list(WHOLE_GRAPH))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--progress", action="store_true")
