@@ -133,12 +133,44 @@ def _step3(d: dict, model, act_calibration: str, placement: str | None, progress
             "cosine": heldout_cosine(lm, d["held"], d["ref_held"])}
 
 
+def _train(d: dict, flow, steps: int, lr: float, progress: bool):
+    from graphlora.recipes import Distiller, heldout_cosine
+
+    return flow.train(
+        d["train"], Distiller(d["model"]), steps=steps, lr=lr, warmup_steps=min(20, steps // 10),
+        eval_fn=lambda m: heldout_cosine(m, d["val"], d["ref_val"]), eval_every=max(1, steps // 8),
+        train_mode=False, progress=progress,
+    )
+
+
+def _qwa(d: dict, method: str, rank: int, steps: int, lr: float, act_calibration: str, progress: bool) -> dict:
+    """QWA-LoRA with the same recipe: the base's int8 activation encodings calibrated in step 1
+    (after the weights) and frozen, LoRA trained against them, step 3 calibrates LoRA only."""
+    import graphlora
+    from graphlora.recipes import heldout_cosine
+
+    flow = graphlora.qwa_lora(d["model"], [_rule(method, None, rank)], example_kwargs=d["calib"][0], progress=False)
+    RetagActCalibration(ACT_CHOICES[act_calibration][1])(flow.model)
+    t0 = time.perf_counter()
+    flow.quantize_base(calibration_data=d["calib"], progress=progress)
+    row = {"method": method, "act_calibration": act_calibration, "step1_s": time.perf_counter() - t0,
+           "cos_step1": heldout_cosine(flow.model, d["held"], d["ref_held"])}
+    t0 = time.perf_counter()
+    result = _train(d, flow, steps, lr, progress)
+    row.update(step2_train_s=time.perf_counter() - t0, best_step=result.best_step,
+               cos_step2=heldout_cosine(flow.model, d["held"], d["ref_held"]))
+    t0 = time.perf_counter()
+    flow.ptq(d["calib"], progress=progress)
+    row.update(step3_s=time.perf_counter() - t0, cos_step3=heldout_cosine(flow.model, d["held"], d["ref_held"]))
+    return row
+
+
 def run(steps: int = 300, lr: float = 2e-4, rank: int = 16, methods=METHODS, grids: bool = True,
         train_method: str | None = None, calib_sentences: int = 512, batch_size: int = 16,
         act_calibrations=ACT_CALIBRATIONS, whole_graph=WHOLE_GRAPH, threads: int = 1,
-        progress: bool = False) -> dict:
+        qwa: bool = True, progress: bool = False) -> dict:
     """The whole table; ``train_method`` forces step 2's start (default: the best step-1 method)."""
-    from graphlora.recipes import Distiller, heldout_cosine
+    from graphlora.recipes import heldout_cosine
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -175,11 +207,7 @@ def run(steps: int = 300, lr: float = 2e-4, rank: int = 16, methods=METHODS, gri
         out["cos_step1"] = next(r["cosine"] for r in out["method_rows"] if r["method"] == best)
 
         t0 = time.perf_counter()
-        result = flow.train(
-            d["train"], Distiller(d["model"]), steps=steps, lr=lr, warmup_steps=min(20, steps // 10),
-            eval_fn=lambda m: heldout_cosine(m, d["val"], d["ref_val"]), eval_every=max(1, steps // 8),
-            train_mode=False, progress=progress,
-        )
+        result = _train(d, flow, steps, lr, progress)
         out.update(steps=steps, lr=lr, batch_size=batch_size, step2_train_s=time.perf_counter() - t0,
                    best_step=result.best_step, validation_curve=result.evals,
                    cos_step2=heldout_cosine(flow.model, d["held"], d["ref_held"]))
@@ -198,6 +226,10 @@ def run(steps: int = 300, lr: float = 2e-4, rank: int = 16, methods=METHODS, gri
             row = _step3(d, flow.model, out.get("step3_act_calibration", "minmax"), placement, progress)
             out["step3_rows"].append(row)
             show(row)
+        if qwa:
+            del flow
+            out["qwa"] = _qwa(d, best, rank, steps, lr, out.get("step3_act_calibration", "minmax"), progress)
+            show(out["qwa"])
     finally:
         torch.set_num_threads(before)
     out["total_s"] = time.perf_counter() - t_all
@@ -218,8 +250,9 @@ if __name__ == "__main__":
     ap.add_argument("--act-calibrations", nargs="*", default=list(ACT_CALIBRATIONS), choices=list(ACT_CHOICES))
     ap.add_argument("--whole-graph", nargs="*", default=list(WHOLE_GRAPH))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-qwa", action="store_true", help="skip the QWA-LoRA rows")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     print(json.dumps(run(args.steps, args.lr, args.rank, tuple(args.methods), not args.no_grids, args.train_method,
                          args.calib_sentences, args.batch_size, tuple(args.act_calibrations),
-                         tuple(args.whole_graph), args.threads, args.progress), indent=2, default=str))
+                         tuple(args.whole_graph), args.threads, not args.no_qwa, args.progress), indent=2, default=str))

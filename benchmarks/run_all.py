@@ -327,6 +327,15 @@ def render_qw_lora(r: dict) -> list[str]:
         rows.append([f"step 3: {row['description']} ({row['encodings']} encodings)", cosine, _f(row["calibrate_s"], 1)])
     out += [f"Steps 2 and 3 from {best} (each step-3 row calibrates its own copy of the trained model):", ""]
     out += _table(["stage", "held-out cosine to fp32", "time s"], rows)
+    q = r.get("qwa")
+    if q:
+        out += [f"QWA-LoRA, the same recipe (int8 activations at the linears, {q['act_calibration']}, calibrated in "
+                "step 1 and frozen; LoRA trains against them):", ""]
+        out += _table(["stage", "held-out cosine to fp32", "time s"], [
+            [f"step 1: {q['method']} base + int8 activations", _f(q["cos_step1"], 4), _f(q["step1_s"], 1)],
+            [f"step 2: {r['steps']} steps, lr {r['lr']} (best validation at step {q['best_step']})",
+             _f(q["cos_step2"], 4), _f(q["step2_train_s"], 1)],
+            ["step 3: LoRA tensors int8", f"**{_f(q['cos_step3'], 4)}** (goal >= 0.99)", _f(q["step3_s"], 1)]])
     return out
 
 
