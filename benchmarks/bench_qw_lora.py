@@ -36,6 +36,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 METHODS = ("mse", "gptq", "seqmse", "adaround")
+#: the default invocation (about 10 minutes on 2 cores): AdaRound alone takes 5-12 minutes here,
+#: QWA-LoRA another 5-8; ``run_all.py`` runs both (``--methods ... adaround --qwa``)
+DEFAULT_METHODS = ("mse", "gptq", "seqmse")
 GRIDS = ("full", "restricted")
 #: whole-graph step-3 rows: names of bench_full_integer.placements()
 WHOLE_GRAPH = ("mse_u8", "add16_lin16_mse")
@@ -165,10 +168,10 @@ def _qwa(d: dict, method: str, rank: int, steps: int, lr: float, act_calibration
     return row
 
 
-def run(steps: int = 300, lr: float = 2e-4, rank: int = 16, methods=METHODS, grids: bool = True,
+def run(steps: int = 400, lr: float = 1e-3, rank: int = 32, methods=DEFAULT_METHODS, grids: bool = True,
         train_method: str | None = None, calib_sentences: int = 512, batch_size: int = 16,
         act_calibrations=ACT_CALIBRATIONS, whole_graph=WHOLE_GRAPH, threads: int = 1,
-        qwa: bool = True, progress: bool = False) -> dict:
+        qwa: bool = False, progress: bool = False) -> dict:
     """The whole table; ``train_method`` forces step 2's start (default: the best step-1 method)."""
     from graphlora.recipes import heldout_cosine
 
@@ -239,20 +242,20 @@ def run(steps: int = 300, lr: float = 2e-4, rank: int = 16, methods=METHODS, gri
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS) + ["absmax", "minmax"])
+    ap.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), choices=list(METHODS) + ["absmax", "minmax"])
     ap.add_argument("--no-grids", action="store_true", help="skip the full/restricted grid rows")
     ap.add_argument("--train-method", help="start step 2 from this method (default: the best step-1 one)")
     ap.add_argument("--calib-sentences", type=int, default=512)
     ap.add_argument("--act-calibrations", nargs="*", default=list(ACT_CALIBRATIONS), choices=list(ACT_CHOICES))
     ap.add_argument("--whole-graph", nargs="*", default=list(WHOLE_GRAPH))
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-qwa", action="store_true", help="skip the QWA-LoRA rows")
+    ap.add_argument("--qwa", action="store_true", help="add the QWA-LoRA rows (same recipe)")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     print(json.dumps(run(args.steps, args.lr, args.rank, tuple(args.methods), not args.no_grids, args.train_method,
                          args.calib_sentences, args.batch_size, tuple(args.act_calibrations),
-                         tuple(args.whole_graph), args.threads, not args.no_qwa, args.progress), indent=2, default=str))
+                         tuple(args.whole_graph), args.threads, args.qwa, args.progress), indent=2, default=str))

@@ -68,7 +68,8 @@ def benchmarks() -> dict:
         "lora_train": bench_lora_train.run,
         "trace_8b": bench_trace_8b.run,
         "quant": bench_quant.run,
-        "qw_lora": bench_qw_lora.run,
+        # with AdaRound and the QWA-LoRA rows (about 30 minutes; the script's default leaves both out)
+        "qw_lora": lambda: bench_qw_lora.run(methods=bench_qw_lora.METHODS, qwa=True),
         # the MiniLM vs llmcompressor part runs in GRAPHLORA_GPTQ_PEER_PYTHON when set (its own venv)
         "gptq_depth": bench_gptq_depth.run,
         # with the QW-LoRA model (100 distillation steps, as in `make demo`) beside the int4 rows
