@@ -6,12 +6,16 @@ trained or calibrated on), then PTQ. One run measures, in one process:
 
 * step 1 (``quantize_base``) with ``mse`` on each symmetric grid (``full``: int4 -8..7, AIMET's;
   ``restricted``: -7..7), and round-to-nearest ``absmax`` for reference;
-* step 1 with each weight method (``mse``, ``gptq``, ``seqmse``, ``adaround``) on the default grid:
-  held-out cosine and calibration seconds;
+* step 1 with each weight method (``mse``, ``gptq``, ``seqmse``; ``adaround`` with ``--methods``) on
+  the default grid: held-out cosine and calibration seconds;
 * step 2 (LoRA distillation) from the best step-1 method, with its training wall time;
 * step 3 on copies of the trained model: int8 activations at the linears' inputs and the LoRA
   tensors (the rule's ``act_calibration``, min-max and mse), and whole-graph placements
-  (``ActivationRule`` lists of ``bench_full_integer.py``) on top of those.
+  (``ActivationRule`` lists of ``bench_full_integer.py``) on top of the best of those;
+* with ``--qwa``, QWA-LoRA with the same recipe (base activations calibrated before training).
+
+Defaults (LoRA rank 32, lr 1e-3, 400 steps, 1 torch thread) are the best measured within the
+5-minute training budget; ``python benchmarks/run_all.py --only qw_lora`` adds AdaRound and QWA-LoRA.
 
 MiniLM is loaded with eager attention so softmax and the attention products are graph ops the
 whole-graph placements can reach (the same weights and function as the default attention).
