@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 METHODS = ("mse", "gptq", "seqmse", "adaround")
-#: the default invocation (about 10 minutes on 2 cores): AdaRound alone takes 5-12 minutes here,
+#: the default invocation (about 7 minutes on 2 cores, 2026-12-02): AdaRound alone takes 5-12 minutes here,
 #: QWA-LoRA another 5-8; ``run_all.py`` runs both (``--methods ... adaround --qwa``)
 DEFAULT_METHODS = ("mse", "gptq", "seqmse")
 GRIDS = ("full", "restricted")
