@@ -1,6 +1,7 @@
 """AIMET's own numbers on the pretrained MiniLM, on graphlora's data: the peer side of
 whole-graph (full-integer) quantization (graphlora's side, ``calibrate(...,
-activations=[ActivationRule()])``, is not yet a row of ``bench_qw_lora.py``). Runs in a venv with aimet-torch (see
+activations=[ActivationRule()])``, is ``bench_full_integer.py``, and on the QW-LoRA-trained model
+``bench_qw_lora.py``'s whole-graph step-3 rows). Runs in a venv with aimet-torch (see
 ``make_aimet_fixtures.py``), with the worktree on PYTHONPATH for graphlora.recipes' data::
 
     PYTHONPATH=$PWD /work/venvs/aimet/bin/python benchmarks/aimet_minilm.py
