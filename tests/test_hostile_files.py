@@ -259,6 +259,7 @@ def test_wrong_types_in_a_quantized_checkpoint_config(quant_dir, edit, needle):
         ({"rank_pattern": ["x"]}, "'rank_pattern' must be an object"),
         ({"rank_pattern": {"layers.0": "2"}}, "must be a positive number"),
         ({"target_modules": {"a": 1}}, "'target_modules' must be null"),
+        ({"target_parameters": "experts.down_proj"}, "'target_parameters' must be null or a list"),
         ({"exclude_modules": 3}, "'exclude_modules' must be null"),
         ({"layers_pattern": [1]}, "'layers_pattern' must be null"),
         ({"layers_to_transform": "0"}, "'layers_to_transform' must be null"),
