@@ -160,3 +160,59 @@ def test_bad_init_rules_are_refused(base, rule, message):
 def test_a_rank_above_the_weight_is_refused_naming_the_site(base):
     with pytest.raises(RuleError, match=r"rank 80 is larger than the matched site 'model\.layers\.0\.self_attn\.q_proj'"):
         graphlora.transform(copy.deepcopy(base), [LoraRule(r".*q_proj", rank=80, init="pissa")], (), _inputs())
+
+
+def _peft_loftq_with(quantize_dequantize):
+    """PEFT's own ``loftq_init``, run on the CPU with its bitsandbytes NF4 round trip replaced by
+    ``quantize_dequantize``. PEFT 0.21 moves the weight to "cuda" (or "xpu") unconditionally and
+    quantizes with bitsandbytes, so on a CPU-only machine its function runs only with those two
+    swapped; everything else (the alternation, the SVD split, the last residual) is PEFT's code."""
+    import inspect
+    import types
+
+    import peft.utils.loftq_utils as loftq_utils
+
+    source = inspect.getsource(loftq_utils.loftq_init)
+    device = 'compute_device = "xpu" if is_xpu_available() else "cuda"'
+    assert device in source, "PEFT's loftq_init changed: update this test's adaptation"
+    source = source.replace(device, 'compute_device = "cpu"').replace("import bitsandbytes as bnb", "pass")
+
+    class Params4bit:
+        def __init__(self, data, **kwargs):
+            self.data, self.quant_state = data, None
+
+        def to(self, device):
+            return self
+
+    fake_bnb = types.SimpleNamespace(nn=types.SimpleNamespace(Params4bit=Params4bit),
+                                     functional=types.SimpleNamespace(
+                                         dequantize_4bit=lambda data, state: quantize_dequantize(data)))
+    namespace = dict(vars(loftq_utils), bnb=fake_bnb, is_bnb_available=lambda: True,
+                     is_bnb_4bit_available=lambda: True)
+    exec(compile(source, loftq_utils.__file__, "exec"), namespace)
+    return namespace["loftq_init"]
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_loftq_is_peft_s_algorithm_given_the_same_quantizer(iterations):
+    from graphlora.quant import calibrate_weight
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48, bias=False)
+    model = torch.nn.Sequential(layer).eval()
+    rule = LoraRule("0", rank=4, alpha=4, weight_qtype="nf4", group_size=64, init="loftq", loftq_iter=iterations)
+    lm = graphlora.transform(model, [rule], (torch.randn(2, 64),))
+
+    def nf4_round_trip(w):  # the rule's quantizer: NF4, blocks of 64, fp16 absmax
+        encoding = calibrate_weight(w, "nf4", block_size=64, scale_dtype=torch.float16)
+        return encoding.dequantize(encoding.quantize(w), torch.float32)
+
+    q, lora_a, lora_b = _peft_loftq_with(nf4_round_trip)(layer.weight.detach(), num_bits=4, reduced_rank=4,
+                                                         num_iter=iterations)
+    from graphlora.sites import tagged_sites
+
+    base = tagged_sites(lm.graph_module)[0].param_value()
+    factors = lm.lora_state_dict()
+    torch.testing.assert_close(base, q, atol=1e-6, rtol=0)
+    torch.testing.assert_close(factors["0.lora_B.weight"] @ factors["0.lora_A.weight"], lora_b @ lora_a,
+                               atol=1e-5, rtol=0)
