@@ -6,31 +6,57 @@ cosine (torch and onnxruntime) against the fp32 model.
 The linears are int4 symmetric in blocks of 32 either way; the second row adds an ``embedding``
 rule (word, position and token-type tables, int4 per row in blocks of 32). 256 held-out sentences.
 """
-import os, tempfile, time, torch
-torch.set_num_threads(1)
-import graphlora
-from graphlora import LoraRule, QuantRule
-from graphlora.recipes import load_minilm, text_splits, batches, reference_embeddings, heldout_cosine, embed
-from graphlora.onnx import InferenceSession, export_onnx
-import numpy as np
-model, tok = load_minilm()
-split = text_splits()
-ev = batches(tok, split.heldout[:256], 32)
-ref = reference_embeddings(model, ev)
-ex = ev[0]
-linears = QuantRule(r".*(query|key|value|dense)", weight_qtype="int4", group_size=32)
-emb = QuantRule(r"embeddings\.(word|position|token_type)_embeddings", weight_qtype="int4", group_size=32, site_kinds=("embedding",))
-for name, rules in [("linears int4", [linears]), ("linears + embeddings int4", [linears, emb])]:
-    lm = graphlora.transform(model, rules, (), dict(ex), progress=False)
-    cos = heldout_cosine(lm, ev, ref)
-    d = tempfile.mkdtemp(); p = os.path.join(d, "m.onnx")
-    export_onnx(lm, p, (), dict(ex), lora="merged")
-    size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
-    s = InferenceSession(p, "cpu")
-    outs = []
-    for b in ev:
-        feed = {i.name: b[i.name].numpy() for i in s.get_inputs()}
-        h = torch.from_numpy(s.run(None, feed)[0]); m = b["attention_mask"][..., None].float()
-        outs.append((h * m).sum(1) / m.sum(1))
-    ocos = float(np.mean([torch.nn.functional.cosine_similarity(o, r).mean().item() for o, r in zip(outs, ref)]))
-    print(f"{name}: sites {len(lm.sites)}, torch cosine {cos:.4f}, ONNX {size/2**20:.1f} MiB, ONNX cosine {ocos:.4f}", flush=True)
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+LINEARS = r".*(query|key|value|dense)"
+EMBEDDINGS = r"embeddings\.(word|position|token_type)_embeddings"
+
+
+def _onnx_cosine(path: str, batches: list[dict], reference: list[torch.Tensor]) -> float:
+    from graphlora.onnx import InferenceSession
+    from graphlora.recipes import mean_pool
+
+    session = InferenceSession(path, "cpu")
+    names = [i.name for i in session.get_inputs()]
+    sims = []
+    for batch, ref in zip(batches, reference):
+        hidden = torch.from_numpy(session.run(None, {n: batch[n].numpy() for n in names})[0])
+        sims.append(torch.nn.functional.cosine_similarity(mean_pool(hidden, batch["attention_mask"]), ref, dim=-1))
+    return torch.cat(sims).mean().item()
+
+
+def run(sentences: int = 256) -> list[dict]:
+    import graphlora
+    from graphlora import QuantRule
+    from graphlora.onnx import export_onnx
+    from graphlora.recipes import batches, heldout_cosine, load_minilm, reference_embeddings, text_splits
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_minilm()
+    held = batches(tokenizer, text_splits().heldout[:sentences], 32)
+    reference = reference_embeddings(model, held)
+    linears = QuantRule(LINEARS, weight_qtype="int4", group_size=32)
+    tables = QuantRule(EMBEDDINGS, weight_qtype="int4", group_size=32, site_kinds=("embedding",))
+    rows = []
+    for name, rules in (("linears int4", [linears]), ("linears + embeddings int4", [linears, tables])):
+        lm = graphlora.transform(model, rules, (), dict(held[0]), progress=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            export_onnx(lm, path, (), dict(held[0]), lora="merged")
+            size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
+            rows.append({"rules": name, "sites": len(lm.sites), "torch_cosine": heldout_cosine(lm, held, reference),
+                         "onnx_mib": size / 2**20, "onnx_cosine": _onnx_cosine(path, held, reference)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run()

@@ -73,7 +73,7 @@ def _data(calib_sentences: int):
     return bert, held, calib, reference_embeddings(bert, held)
 
 
-def _onnx_cosine(lm, held, ref) -> float:
+def _onnx_cosine(lm, held, ref, lora: str = "merged") -> float:
     import onnxruntime as ort
 
     import graphlora
@@ -81,7 +81,7 @@ def _onnx_cosine(lm, held, ref) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "full_integer.onnx"
-        graphlora.export_onnx(lm, path, example_kwargs=held[0])
+        graphlora.export_onnx(lm, path, example_kwargs=held[0], lora=lora)
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         names = [i.name for i in sess.get_inputs()]
         sims = []

@@ -140,6 +140,15 @@ def _step3(d: dict, model, act_calibration: str, placement: str | None, progress
             "cosine": heldout_cosine(lm, d["held"], d["ref_held"])}
 
 
+def _onnx_cosines(model, d: dict) -> dict:
+    """Held-out cosine of the model exported as ONNX QDQ and run in onnxruntime (CPU), for the
+    LoRA folded into the int4 base (``merged``: W + sBA quantized again) and kept as a branch."""
+    import bench_full_integer
+
+    return {mode: bench_full_integer._onnx_cosine(model, d["held"], d["ref_held"], lora=mode)
+            for mode in ("branch", "merged")}
+
+
 def _train(d: dict, flow, steps: int, lr: float, progress: bool):
     from graphlora.recipes import Distiller, heldout_cosine
 
@@ -150,7 +159,8 @@ def _train(d: dict, flow, steps: int, lr: float, progress: bool):
     )
 
 
-def _qwa(d: dict, method: str, rank: int, steps: int, lr: float, act_calibration: str, progress: bool) -> dict:
+def _qwa(d: dict, method: str, rank: int, steps: int, lr: float, act_calibration: str, progress: bool,
+         onnx: bool = False) -> dict:
     """QWA-LoRA with the same recipe: the base's int8 activation encodings calibrated in step 1
     (after the weights) and frozen, LoRA trained against them, step 3 calibrates LoRA only."""
     import graphlora
@@ -169,14 +179,17 @@ def _qwa(d: dict, method: str, rank: int, steps: int, lr: float, act_calibration
     t0 = time.perf_counter()
     flow.ptq(d["calib"], progress=progress)
     row.update(step3_s=time.perf_counter() - t0, cos_step3=heldout_cosine(flow.model, d["held"], d["ref_held"]))
+    if onnx:
+        row["onnx"] = _onnx_cosines(flow.model, d)
     return row
 
 
 def run(steps: int = 400, lr: float = 1e-3, rank: int = 32, methods=DEFAULT_METHODS, grids: bool = True,
         train_method: str | None = None, calib_sentences: int = 512, batch_size: int = 16,
         act_calibrations=ACT_CALIBRATIONS, whole_graph=WHOLE_GRAPH, threads: int = 1,
-        qwa: bool = False, progress: bool = False) -> dict:
+        qwa: bool = False, progress: bool = False, onnx: bool = True) -> dict:
     """The whole table; ``train_method`` forces step 2's start (default: the best step-1 method)."""
+    import graphlora
     from graphlora.recipes import heldout_cosine
 
     before = torch.get_num_threads()
@@ -228,6 +241,13 @@ def run(steps: int = 400, lr: float = 1e-3, rank: int = 32, methods=DEFAULT_METH
             top = max(out["step3_rows"], key=lambda r: r["cosine"])
             out["cos_step3_int8_act"] = top["cosine"]
             out["step3_act_calibration"] = top["act_calibration"]
+            if onnx:  # the best step-3 model, exported
+                lm = copy.deepcopy(flow.model)
+                RetagActCalibration(ACT_CHOICES[top["act_calibration"]][1])(lm)
+                graphlora.calibrate(lm, d["calib"], progress=progress)
+                out["step3_onnx"] = {"act_calibration": top["act_calibration"], **_onnx_cosines(lm, d)}
+                show(out["step3_onnx"])
+                del lm
         # the whole-graph placements on top of the best calibration at the linears
         for placement in whole_graph:
             row = _step3(d, flow.model, out.get("step3_act_calibration", "minmax"), placement, progress)
@@ -235,7 +255,7 @@ def run(steps: int = 400, lr: float = 1e-3, rank: int = 32, methods=DEFAULT_METH
             show(row)
         if qwa:
             del flow
-            out["qwa"] = _qwa(d, best, rank, steps, lr, out.get("step3_act_calibration", "minmax"), progress)
+            out["qwa"] = _qwa(d, best, rank, steps, lr, out.get("step3_act_calibration", "minmax"), progress, onnx)
             show(out["qwa"])
     finally:
         torch.set_num_threads(before)
@@ -259,7 +279,9 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--qwa", action="store_true", help="add the QWA-LoRA rows (same recipe)")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime cosines of the step-3 models")
     args = ap.parse_args()
     print(json.dumps(run(args.steps, args.lr, args.rank, tuple(args.methods), not args.no_grids, args.train_method,
                          args.calib_sentences, args.batch_size, tuple(args.act_calibrations),
-                         tuple(args.whole_graph), args.threads, args.qwa, args.progress), indent=2, default=str))
+                         tuple(args.whole_graph), args.threads, args.qwa, args.progress, not args.no_onnx),
+                     indent=2, default=str))

@@ -326,6 +326,10 @@ def render_qw_lora(r: dict) -> list[str]:
         if row["placement"] == "linears":
             cosine = f"**{cosine}** (goal >= 0.99)"
         rows.append([f"step 3: {row['description']} ({row['encodings']} encodings)", cosine, _f(row["calibrate_s"], 1)])
+    o = r.get("step3_onnx")
+    if o:
+        rows.append([f"step 3 ({o['act_calibration']}) exported as ONNX QDQ, onnxruntime: LoRA as a branch / merged",
+                     f"{_f(o['branch'], 4)} / {_f(o['merged'], 4)}", ""])
     out += [f"Steps 2 and 3 from {best} (each step-3 row calibrates its own copy of the trained model):", ""]
     out += _table(["stage", "held-out cosine to fp32", "time s"], rows)
     q = r.get("qwa")
@@ -336,7 +340,9 @@ def render_qw_lora(r: dict) -> list[str]:
             [f"step 1: {q['method']} base + int8 activations", _f(q["cos_step1"], 4), _f(q["step1_s"], 1)],
             [f"step 2: {r['steps']} steps, lr {r['lr']} (best validation at step {q['best_step']})",
              _f(q["cos_step2"], 4), _f(q["step2_train_s"], 1)],
-            ["step 3: LoRA tensors int8", f"**{_f(q['cos_step3'], 4)}** (goal >= 0.99)", _f(q["step3_s"], 1)]])
+            ["step 3: LoRA tensors int8", f"**{_f(q['cos_step3'], 4)}** (goal >= 0.99)", _f(q["step3_s"], 1)],
+            *([["step 3 exported as ONNX QDQ, onnxruntime: LoRA as a branch / merged",
+                f"{_f(q['onnx']['branch'], 4)} / {_f(q['onnx']['merged'], 4)}", ""]] if q.get("onnx") else [])])
     return out
 
 
