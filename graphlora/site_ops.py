@@ -14,6 +14,7 @@ of ``param[expert_ids]``), and an ``einsum`` of an activation with a parameter
 from __future__ import annotations
 
 import operator
+import string
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,13 +57,11 @@ class EinsumGeometry:
     out_labels: str
     in_dims: tuple[int, ...]
     out_dims: tuple[int, ...]
-    weight_first: bool  # the parameter is the first operand
 
     def spare_label(self) -> str:
         """A label no subscript uses, for the rank."""
         used = set(self.x + self.weight + self.out)
-        return next(c for c in "rRzZqQyYxXwWabcdefghijklmnopstuv" if c not in used)
-
+        return next(c for c in "r" + string.ascii_letters if c not in used)  # einsum has 52 labels
 
 
 _LINEAR = {aten.linear.default, F.linear, torch._C._nn.linear}
@@ -349,8 +348,7 @@ def describe_einsum(gm: fx.GraphModule, node: fx.Node) -> tuple[Operands, dict] 
             continue
         dims = dict(zip(w_sub, param.shape))
         geometry = EinsumGeometry(x_sub, w_sub, out, in_labels, out_labels,
-                                  tuple(int(dims[c]) for c in in_labels), tuple(int(dims[c]) for c in out_labels),
-                                  weight_index == 0)
+                                  tuple(int(dims[c]) for c in in_labels), tuple(int(dims[c]) for c in out_labels))
         return (Operands("einsum", 1 - weight_index, weight_index, None, "out_in", name, param, False),
                 {"einsum": geometry})
     return None
