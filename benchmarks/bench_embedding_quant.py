@@ -19,24 +19,13 @@ LINEARS = r".*(query|key|value|dense)"
 EMBEDDINGS = r"embeddings\.(word|position|token_type)_embeddings"
 
 
-def _onnx_cosine(path: str, batches: list[dict], reference: list[torch.Tensor]) -> float:
-    from graphlora.onnx import InferenceSession
-    from graphlora.recipes import mean_pool
-
-    session = InferenceSession(path, "cpu")
-    names = [i.name for i in session.get_inputs()]
-    sims = []
-    for batch, ref in zip(batches, reference):
-        hidden = torch.from_numpy(session.run(None, {n: batch[n].numpy() for n in names})[0])
-        sims.append(torch.nn.functional.cosine_similarity(mean_pool(hidden, batch["attention_mask"]), ref, dim=-1))
-    return torch.cat(sims).mean().item()
-
-
 def run(sentences: int = 256) -> list[dict]:
     import graphlora
     from graphlora import QuantRule
     from graphlora.onnx import export_onnx
     from graphlora.recipes import batches, heldout_cosine, load_minilm, reference_embeddings, text_splits
+
+    from bench_full_integer import onnx_file_cosine
 
     torch.set_num_threads(1)
     model, tokenizer = load_minilm()
@@ -52,7 +41,7 @@ def run(sentences: int = 256) -> list[dict]:
             export_onnx(lm, path, (), dict(held[0]), lora="merged")
             size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
             rows.append({"rules": name, "sites": len(lm.sites), "torch_cosine": heldout_cosine(lm, held, reference),
-                         "onnx_mib": size / 2**20, "onnx_cosine": _onnx_cosine(path, held, reference)})
+                         "onnx_mib": size / 2**20, "onnx_cosine": onnx_file_cosine(path, held, reference)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

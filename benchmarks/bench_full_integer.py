@@ -73,22 +73,28 @@ def _data(calib_sentences: int):
     return bert, held, calib, reference_embeddings(bert, held)
 
 
-def _onnx_cosine(lm, held, ref, lora: str = "merged") -> float:
+def onnx_file_cosine(path, held, ref) -> float:
+    """Held-out cosine of an exported MiniLM's mean-pooled output (onnxruntime, CPU) to ``ref``."""
     import onnxruntime as ort
 
-    import graphlora
     from graphlora.recipes import mean_pool
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    sims = []
+    for b, r in zip(held, ref):
+        hidden = torch.from_numpy(sess.run(None, {n: b[n].numpy() for n in names})[0])
+        sims.append(torch.nn.functional.cosine_similarity(mean_pool(hidden, b["attention_mask"]), r, dim=-1))
+    return torch.cat(sims).mean().item()
+
+
+def _onnx_cosine(lm, held, ref, lora: str = "merged") -> float:
+    import graphlora
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "full_integer.onnx"
         graphlora.export_onnx(lm, path, example_kwargs=held[0], lora=lora)
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        names = [i.name for i in sess.get_inputs()]
-        sims = []
-        for b, r in zip(held, ref):
-            hidden = torch.from_numpy(sess.run(None, {n: b[n].numpy() for n in names})[0])
-            sims.append(torch.nn.functional.cosine_similarity(mean_pool(hidden, b["attention_mask"]), r, dim=-1))
-    return torch.cat(sims).mean().item()
+        return onnx_file_cosine(path, held, ref)
 
 
 def _aimet(python: str) -> dict:

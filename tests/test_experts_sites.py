@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 from test_onnx_fixtures import rel_err
-from toy_models import canonical_execution, ids
+from toy_models import canonical_execution, fill_peft_factors, ids
 
 import graphlora
 from graphlora import LoraRule
@@ -114,11 +114,8 @@ def test_adapters_load_in_peft_and_peft_adapters_load_here(tmp_path, implementat
 
     theirs = get_peft_model(copy.deepcopy(model), LoraConfig(
         r=RANK, lora_alpha=3, target_modules=["v_proj"], target_parameters=["experts.down_proj"]))
-    g = torch.Generator().manual_seed(4)
+    fill_peft_factors(theirs, seed=4, std=0.1)
     with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
         want = theirs(**inputs).logits
     theirs.save_pretrained(tmp_path / "peft")
     loaded = graphlora.load_adapter(copy.deepcopy(model), tmp_path / "peft", example_kwargs=inputs)
@@ -138,11 +135,8 @@ def test_two_parameters_of_one_module_keep_peft_s_nesting(tmp_path):
     inputs = _inputs(seed=5)
     theirs = get_peft_model(copy.deepcopy(model), LoraConfig(
         r=RANK, lora_alpha=RANK, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
-    g = torch.Generator().manual_seed(6)
+    fill_peft_factors(theirs, seed=6, std=0.1)
     with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
         want = theirs(**inputs).logits
     theirs.save_pretrained(tmp_path)
     keys = load_file(tmp_path / "adapter_model.safetensors")

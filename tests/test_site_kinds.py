@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from test_onnx_fixtures import rel_err
-from toy_models import canonical_execution, ids, tiny_llama
+from toy_models import canonical_execution, fill_peft_factors, ids, tiny_llama
 
 import graphlora
 from graphlora import LoraRule
@@ -196,11 +196,8 @@ def test_adapters_load_in_peft_and_peft_adapters_load_here(tmp_path):
     with pytest.warns(UserWarning, match="groups > 1"):
         theirs = get_peft_model(copy.deepcopy(model), LoraConfig(
             r=2, lora_alpha=3, target_modules=["emb", "c2", "grouped", "head"]))
-    g = torch.Generator().manual_seed(9)
+    fill_peft_factors(theirs, seed=9, std=0.2)
     with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
         want = theirs(tokens)
     theirs.save_pretrained(tmp_path / "peft")
     loaded = graphlora.load_adapter(copy.deepcopy(model), tmp_path / "peft", example_args=(tokens,))
@@ -232,11 +229,8 @@ def test_llama_embed_tokens_lora_matches_peft_both_ways(tmp_path):
     inputs = {"input_ids": ids(2, 6, vocab=128)}
     peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8,
                                                           target_modules=["embed_tokens", "q_proj"]))
-    g = torch.Generator().manual_seed(2)
+    fill_peft_factors(peft, seed=2, std=0.1)
     with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
         want = peft(**inputs).logits
     peft.save_pretrained(tmp_path / "peft")
     lm = graphlora.load_adapter(copy.deepcopy(base), tmp_path / "peft", example_kwargs=inputs)

@@ -154,3 +154,13 @@ class Stack(nn.Module):
             if self.tie:
                 h = h + self.blocks[0].down.weight[0, :1]
         return self.head(h)
+
+
+def fill_peft_factors(peft_model, seed: int, std: float = 0.1) -> None:
+    """Give every LoRA tensor of a PEFT model random values (a stand-in for training: PEFT's B = 0
+    would make its adapter the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(std * torch.randn(p.shape, generator=g))

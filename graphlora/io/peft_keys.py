@@ -39,12 +39,17 @@ def parse_lora_key(key: str) -> tuple[str, str, str | None] | None:
     stripped = key[len(PEFT_KEY_PREFIX) :] if key.startswith(PEFT_KEY_PREFIX) else key
     if not stripped.endswith(".weight"):
         return None
-    head, _, last = stripped[: -len(".weight")].rpartition(".")
-    if last in _FACTORS and head:
-        return head, _FACTORS[last], None
+    return _split_factor(stripped[: -len(".weight")], _FACTORS)
+
+
+def _split_factor(name: str, factors: Mapping[str, str]) -> tuple[str, str, str | None] | None:
+    """``(path, factor, adapter or None)`` of ``<path>.<factor>`` or ``<path>.<factor>.<adapter>``."""
+    head, _, last = name.rpartition(".")
+    if last in factors and head:
+        return head, factors[last], None
     path, _, factor = head.rpartition(".")
-    if factor in _FACTORS and path and last:
-        return path, _FACTORS[factor], last
+    if factor in factors and path and last:
+        return path, factors[factor], last
     return None
 
 
@@ -60,13 +65,7 @@ def parse_embedding_key(key: str) -> tuple[str, str, str | None] | None:
     """``(module_path, "A" | "B", adapter name or None)`` for an embedding factor key
     (``<path>.lora_embedding_A`` or ``<path>.lora_embedding_A.<adapter>``), else None."""
     stripped = key[len(PEFT_KEY_PREFIX) :] if key.startswith(PEFT_KEY_PREFIX) else key
-    head, _, last = stripped.rpartition(".")
-    if last in EMBEDDING_FACTORS and head:
-        return head, EMBEDDING_FACTORS[last], None
-    path, _, factor = head.rpartition(".")
-    if factor in EMBEDDING_FACTORS and path and last:
-        return path, EMBEDDING_FACTORS[factor], last
-    return None
+    return _split_factor(stripped, EMBEDDING_FACTORS)
 
 
 #: How PEFT stores DoRA's magnitude: ``base_model.model.<path>.lora_magnitude_vector`` (no
