@@ -468,3 +468,37 @@ def test_einsum_sites_match_lora_written_out_merge_save_and_export(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(x2), want, atol=ATOL, rtol=0)
         torch.testing.assert_close(lm.merge()(x2), want, atol=1e-4, rtol=0)
+
+
+def test_a_tied_embedding_and_lm_head_each_get_their_own_lora(tmp_path):
+    """One tensor read as the embedding's ``(vocab, dim)`` table and as lm_head's ``(out, in)``
+    weight: two sites, each with its own orientation, pair and merged weight."""
+    from peft import PeftModel
+
+    from graphlora.onnx import export_onnx
+
+    base = tiny_llama(tie=True)
+    inputs = {"input_ids": ids(2, 6, vocab=128)}
+    rules = [LoraRule(r".*embed_tokens", rank=4, site_kinds=("embedding",)), LoraRule("lm_head", rank=4)]
+    lm = graphlora.transform(copy.deepcopy(base), rules, (), inputs)
+    sd = lm.lora_state_dict()
+    assert sd["model.embed_tokens.lora_A.weight"].shape == (4, 128)  # (r, vocab): rows are inputs
+    assert sd["lm_head.lora_A.weight"].shape == (4, 64)  # (r, hidden): the lm_head reads (out, in)
+    _perturb(lm)
+    with torch.no_grad():
+        want = lm(**inputs).logits
+        merged = lm.merge()(**inputs)
+    merged = merged.logits if hasattr(merged, "logits") else merged["logits"]
+    torch.testing.assert_close(merged, want, atol=1e-4, rtol=0)
+    lm.save_pretrained(tmp_path, only_save_adapters=True)
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft(**inputs).logits, want, atol=ATOL, rtol=0)
+    with pytest.raises(ExportError, match="tied across module paths"):
+        export_onnx(lm, tmp_path / "m.onnx", (), inputs, lora="merged", kv_cache=False)
+    from transformers import AutoModelForCausalLM
+
+    lm.save_pretrained(tmp_path / "merged", save_adapters_separately=False)  # untied: two tensors
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(reloaded(**inputs).logits, want, atol=1e-4, rtol=0)

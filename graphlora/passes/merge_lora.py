@@ -88,9 +88,11 @@ class MergeLoraPass(FoldLoraPass):
     def deltas(self, gm: fx.GraphModule) -> Deltas:
         out: Deltas = {}
         for weight_name, group in groups_by_weight(tagged_sites(gm)).items():
-            layout = group[0].spec.param_layout
             for path in dict.fromkeys(s.module_path for s in group):
                 sites = [s for s in group if s.module_path == path]
+                # per path: a tied embedding stores its table (in, out), the lm_head reading the
+                # same tensor sees it (out, in)
+                layout = sites[0].spec.param_layout
                 found = [self._delta(gm, adapter, path, specs[path], layout, sites)
                          for adapter, specs in self.adapters.items() if path in specs]
                 if len(found) > 1 and any(specs[path].use_dora for specs in self.adapters.values()
