@@ -268,7 +268,7 @@ class LoraModel(ModelContents, HuggingFaceSurface, GenerationSupport, nn.Module)
         unknown = sorted(set(specs) - known)
         if unknown:
             raise AdapterError(
-                f"adapter {name!r} targets module paths that are not linear sites of this "
+                f"adapter {name!r} targets module paths that are not sites of this "
                 f"model: {', '.join(unknown[:5])}"
             )
         self._adapters[name] = dict(specs)

@@ -123,7 +123,7 @@ def test_adapter_from_another_base_model(tmp_path):
     with pytest.raises(AdapterError, match=r"layers\.0.*\(16|32"):
         graphlora.load_adapter(other, tmp_path / "a")
     bert = graphlora.transform(tiny_bert(), 2, (ids(),))
-    with pytest.raises(AdapterError, match=r"not linear layers of this model: layers\.0, layers\.1"):
+    with pytest.raises(AdapterError, match=r"not sites of this model \(its linear layers, .*\): layers\.0, layers\.1"):
         graphlora.load_adapter(bert, tmp_path / "a")
 
 

@@ -441,6 +441,6 @@ def test_adapter_that_does_not_fit_the_model(saves, tmp_path):
     save_file(renamed, str(other / "adapter_model.safetensors"), metadata={"format": "pt"})
     config["target_modules"] = sorted(t.replace("layers.0", "layer.0") for t in config["target_modules"])
     (other / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(AdapterError, match=r"not linear layers of this model: layer\.0 \(closest linear layer: 'layers\.0'\)"):
+    with pytest.raises(AdapterError, match=r"not sites of this model .*: layer\.0 \(closest site: 'layers\.0'\)"):
         graphlora.load_adapter(lm, other, adapter_name="x")
     assert sorted(lm.adapters) == ["default"]

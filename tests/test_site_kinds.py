@@ -502,3 +502,16 @@ def test_a_tied_embedding_and_lm_head_each_get_their_own_lora(tmp_path):
     with torch.no_grad():
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
         torch.testing.assert_close(reloaded(**inputs).logits, want, atol=1e-4, rtol=0)
+
+
+def test_embedding_factors_for_a_linear_layer_are_refused_naming_it(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    get_peft_model(_net(), LoraConfig(r=2, target_modules=["head"])).save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = {k.replace("lora_A.weight", "lora_embedding_A").replace("lora_B.weight", "lora_embedding_B"): v
+               for k, v in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(GraphloraError, match=r"holds an embedding's factors .* for 'head', which is a site of kind 'linear'"):
+        graphlora.load_adapter(_net(), tmp_path, example_args=(_tokens(),))

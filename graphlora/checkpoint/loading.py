@@ -164,24 +164,25 @@ def _name_parameters(adapter: LoraAdapter, model: LoraModel, path: Path) -> Lora
 
 
 def _check_fit(adapter: LoraAdapter, sites: Mapping[str, list[LinearSite]], path: Path) -> None:
-    """Every adapter module must be a linear site of the graph with the factor shapes PEFT would
-    build for it (lora_A (r, in), lora_B (out, r) in the weight's stored orientation)."""
+    """Every adapter module must be a site of the graph, of the kind its factors are for, with the
+    factor shapes PEFT would build for it (:func:`graphlora.adapters.factor_shapes`)."""
     unknown = [p for p in adapter.modules if p not in sites]
     if unknown:
         raise AdapterError(
-            f"adapter {str(path)!r} targets {len(unknown)} module(s) that are not linear layers of this "
-            f"model: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+            f"adapter {str(path)!r} targets {len(unknown)} module(s) that are not sites of this model "
+            f"(its linear layers, embeddings, convolutions, experts, einsums): "
+            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
             f"{_suggestion(unknown[0], sites)}. Was it trained on a different model?"
         )
     expected = {p: factor_shapes(m.rank, *param_features(sites[p][0]), sites[p][0].spec.conv,
                                  sites[p][0].spec.num_experts)
                 for p, m in adapter.modules.items()}
-    kinds = [p for p, m in adapter.modules.items() if m.embedding != (sites[p][0].spec.site_kind == "embedding")]
-    if kinds:
-        p = kinds[0]
-        raise AdapterError(
-            f"adapter {str(path)!r}: module {p!r} has {'embedding' if adapter.modules[p].embedding else 'linear'} "
-            f"factors (lora_embedding_A/B vs lora_A/B), but it is a {sites[p][0].spec.site_kind} site of this model")
+    for p, m in adapter.modules.items():
+        kind = sites[p][0].spec.site_kind
+        if m.embedding != (kind == "embedding"):
+            held = "an embedding's factors (lora_embedding_A/B)" if m.embedding else "lora_A/lora_B"
+            raise AdapterError(f"adapter {str(path)!r} holds {held} for {p!r}, which is a site of kind {kind!r} "
+                               "in this model (PEFT writes lora_embedding_A/B for embeddings only)")
     check_adapter_shapes(adapter, expected)
     for p, table in adapter.embedding_tables.items():
         weight = sites[p][0].param_value()
@@ -197,9 +198,9 @@ def _check_fit(adapter: LoraAdapter, sites: Mapping[str, list[LinearSite]], path
 def _suggestion(path: str, sites: Mapping[str, Any]) -> str:
     close = difflib.get_close_matches(path, list(sites), n=1, cutoff=0.6)
     if close:
-        return f" (closest linear layer: {close[0]!r})"
+        return f" (closest site: {close[0]!r})"
     examples = ", ".join(list(sites)[:3])
-    return f" (its linear layers are e.g. {examples})" if examples else " (it has no linear layers)"
+    return f" (its sites are e.g. {examples})" if examples else " (it has no sites)"
 
 
 def _install(
