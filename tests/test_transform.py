@@ -257,7 +257,7 @@ def test_multiple_adapters_switch_and_disable():
     assert not any(graphlora.meta.role(n) == "lora_add" for n in lm.graph_module.graph.nodes)
     with pytest.raises(graphlora.AdapterError, match="unknown adapter 'nope'"):
         lm.set_adapter("nope")
-    with pytest.raises(graphlora.AdapterError, match="not linear sites"):
+    with pytest.raises(graphlora.AdapterError, match="not sites of this model"):
         lm.add_adapter("bad", {"nowhere": graphlora.LoraSpec(rank=1, alpha=1.0)})
 
 
