@@ -148,19 +148,17 @@ def create_lora_pair(
         lora_a = LoraFactor(a_shape, dtype=dtype, device=device)
         lora_b = LoraFactor(b_shape, dtype=dtype, device=device)
     with torch.no_grad():
-        if site_kind == "embedding":
+        if site_kind == "embedding":  # PEFT's lora_embedding_A/B: the other factor starts at zero
             nn.init.zeros_(lora_a.weight)
             nn.init.normal_(lora_b.weight)
-            container.add_module("lora_A", lora_a)
-            container.add_module("lora_B", lora_b)
-            return a_name, b_name
-        if spec.init == "gaussian":
-            # PEFT's "gaussian": std = 1/rank
-            nn.init.normal_(lora_a.weight, std=1.0 / spec.rank)
         else:
-            # PEFT's default: kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))
-            nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
-        nn.init.zeros_(lora_b.weight)
+            if spec.init == "gaussian":
+                # PEFT's "gaussian": std = 1/rank
+                nn.init.normal_(lora_a.weight, std=1.0 / spec.rank)
+            else:
+                # PEFT's default: kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))
+                nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+            nn.init.zeros_(lora_b.weight)
     container.add_module("lora_A", lora_a)
     container.add_module("lora_B", lora_b)
     return a_name, b_name

@@ -33,7 +33,7 @@ from graphlora import meta
 from graphlora.dora import MAGNITUDE, dora_delta
 from graphlora.errors import PassError
 from graphlora.graph_utils import evaluate
-from graphlora.sites import ConvGeometry, EinsumGeometry, Layout, LinearSite, tagged_sites
+from graphlora.sites import EinsumGeometry, LinearSite, SiteSpec, tagged_sites
 
 aten = torch.ops.aten
 
@@ -57,9 +57,7 @@ def einsum_factors(a: torch.Tensor, b: torch.Tensor, geometry: EinsumGeometry) -
     return a.reshape(a.shape[0], *geometry.in_dims), b.reshape(*geometry.out_dims, b.shape[-1])
 
 
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, param_layout: Layout,
-               conv: ConvGeometry | None = None, experts: int = 1,
-               einsum: EinsumGeometry | None = None, shared: bool = False) -> torch.Tensor:
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, site: SiteSpec, shared: bool = False) -> torch.Tensor:
     """``scale * B @ A`` in float32, laid out as the parameter is stored.
 
     The pair has PEFT's shapes in the parameter's orientation (``A (r, in)``, ``B (out, r)``)
@@ -70,6 +68,7 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, param_layout: Lay
     PEFT cannot merge it either.
     """
     a, b = a.detach().float(), b.detach().float()
+    conv, einsum, experts, param_layout = site.conv, site.einsum, site.num_experts, site.param_layout
     if conv is not None:
         if conv.groups > 1:
             raise PassError(
@@ -177,15 +176,13 @@ class LoraBranch:
     def delta(self) -> torch.Tensor:
         """``scale * B @ A`` from the weights the branch uses, in the parameter's stored layout;
         for DoRA the merged weight less the base weight (:func:`graphlora.dora.dora_delta`)."""
-        layout = self.site.spec.param_layout
+        spec = self.site.spec
         if self.dora:
             magnitude = evaluate(self.magnitude.graph.owning_module, self.magnitude).detach()
             return dora_delta(self.site.param_value().detach(), self.a_value(), self.b_value(),
-                              self.scale_value, magnitude, layout)
-        spec = self.site.spec
+                              self.scale_value, magnitude, spec.param_layout)
         shared = spec.site_kind == "experts" and self.a.target in (aten.linear.default, aten.matmul.default)
-        return lora_delta(self.a_value(), self.b_value(), self.scale_value, layout, spec.conv, spec.num_experts,
-                          spec.einsum, shared)
+        return lora_delta(self.a_value(), self.b_value(), self.scale_value, spec, shared)
 
     def _operand(self, op: fx.Node | None, which: str) -> torch.Tensor:
         if op is None:

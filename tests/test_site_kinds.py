@@ -393,7 +393,7 @@ def test_quantized_sites_save_keep_quantized_and_export_qdq(tmp_path):
         codes = {i.name: i.data_type for i in graph.initializer}
         fed = {n.op_type for n in graph.node for i in n.input if i in dq}
         assert {"Gather", "Conv"} <= fed
-        assert {codes[dq[o].input[0]] for o in dq if dq[o].input[0] in codes} <= {
+        assert {codes[dq[o].input[0]] for o in dq if dq[o].input[0] in codes} == {
             onnx.TensorProto.UINT4, onnx.TensorProto.INT8}
 
 

@@ -22,6 +22,7 @@ from graphlora.errors import AdapterError, GraphloraWarning, InputError
 from graphlora.graph_utils import is_own
 from graphlora.io.peft_config import most_common
 from graphlora.io.peft_format import LoraModule, lora_keys
+from graphlora.io.peft_keys import wrapper_paths
 from graphlora.lora_init import is_base_init
 from graphlora.model import LoraModel
 from graphlora.scaling import alpha_for_scale
@@ -128,7 +129,7 @@ def adapter_payload(model: LoraModel, name: str, *, on_original_base: bool = Fal
 def parameter_wrapper_paths(model: LoraModel, parameters: Sequence[str]) -> dict[str, str]:
     """PEFT's key path for each targeted stacked parameter (``<module>.<param>``): its module,
     plus one ``.base_layer`` per parameter of that module targeted after it (in the module's
-    definition order), which is how PEFT nests its ``ParamWrapper`` s (the first one innermost)."""
+    definition order: :func:`graphlora.io.peft_keys.wrapper_paths`)."""
     by_owner: dict[str, list[str]] = {}
     for path in dict.fromkeys(parameters):
         owner, _, name = path.rpartition(".")
@@ -136,9 +137,8 @@ def parameter_wrapper_paths(model: LoraModel, parameters: Sequence[str]) -> dict
     out = {}
     for owner, names in by_owner.items():
         order = list(model.graph_module.get_submodule(owner)._parameters)
-        chosen = [n for n in order if n in names]
-        for i, name in enumerate(chosen):
-            out[f"{owner}.{name}"] = owner + ".base_layer" * (len(chosen) - 1 - i)
+        chosen = wrapper_paths(owner, [n for n in order if n in names])
+        out.update({f"{owner}.{name}": key_path for name, key_path in chosen.items()})
     return out
 
 

@@ -26,6 +26,7 @@ from graphlora.errors import AdapterError, InputError
 from graphlora.io.peft_config import ADAPTER_CONFIG_NAME
 from graphlora.io.peft_format import (PEFT_KEY_PREFIX, LoraAdapter, check_adapter_shapes, lora_keys, parameter_owner,
                                       read_adapter)
+from graphlora.io.peft_keys import wrapper_paths
 from graphlora.model import LoraModel
 from graphlora.passes.insert_lora import param_features
 from graphlora.pipeline import transform
@@ -138,26 +139,23 @@ def _name_parameters(adapter: LoraAdapter, model: LoraModel, path: Path) -> Lora
     if not wrapped:
         return adapter
     targets = adapter.config.get("target_parameters") or []
-    owners: dict[str, list[str]] = {}
-    for peft_path in wrapped:
-        owner = parameter_owner(peft_path)[0]
-        if owner not in owners:
-            try:
-                order = list(model.graph_module.get_submodule(owner)._parameters)
-            except AttributeError:
-                raise AdapterError(f"adapter {str(path)!r}: target_parameters module {owner!r} is not a module "
-                                   "of this model") from None
-            owners[owner] = [n for n in order if any(f"{owner}.{n}" == t or f"{owner}.{n}".endswith("." + t)
-                                                     for t in targets)]
+    names: dict[str, str] = {}  # PEFT's key path -> the parameter's path
+    for owner in dict.fromkeys(parameter_owner(p) for p in wrapped):
+        try:
+            order = list(model.graph_module.get_submodule(owner)._parameters)
+        except AttributeError:
+            raise AdapterError(f"adapter {str(path)!r}: target_parameters module {owner!r} is not a module "
+                               "of this model") from None
+        targeted = [n for n in order if any(f"{owner}.{n}" == t or f"{owner}.{n}".endswith("." + t) for t in targets)]
+        names.update({key_path: f"{owner}.{name}" for name, key_path in wrapper_paths(owner, targeted).items()})
     modules = {}
     for p, m in adapter.modules.items():
         if m.peft_path:
-            owner, depth = parameter_owner(p)
-            names = owners[owner]
-            if depth >= len(names):
-                raise AdapterError(f"adapter {str(path)!r}: {p!r} wraps {depth + 1} parameters of {owner!r}, but "
-                                   f"target_parameters selects {len(names)} of them ({names})")
-            p = f"{owner}.{names[len(names) - 1 - depth]}"
+            if p not in names:
+                owner = parameter_owner(p)
+                raise AdapterError(f"adapter {str(path)!r}: keys under {p!r} wrap more parameters of {owner!r} "
+                                   f"than target_parameters selects ({targets})")
+            p = names[p]
             m = dataclasses.replace(m, path=p)
         modules[p] = m
     return dataclasses.replace(adapter, modules=modules)

@@ -21,7 +21,7 @@ File format
   ``(out, rank / groups, 1, ...)``, the layers PEFT's ``lora.Conv1d/2d/3d`` hold.
 * ``target_parameters`` (stacked expert weights, PEFT's ``lora.ParamWrapper``): ``lora_A.weight``
   ``(rank * E, in)`` / ``lora_B.weight`` ``(out, rank * E)`` under the wrapper path
-  (:func:`graphlora.io.peft_keys.parameter_owner`); a module of the file is then the parameter.
+  (:func:`graphlora.io.peft_keys.wrapper_paths`); a module of the file is then the parameter.
 * Scale: ``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``.
 """
 
@@ -375,7 +375,7 @@ def read_adapter(
         if problem:
             raise AdapterError(f"{source}: module {path!r}: {problem}")
         rank = resolve_pattern(rank_pattern, path, r_default, matcher=patterns)
-        if targets_parameters_of(config, parameter_owner(path)[0]):  # one pair per expert, stacked
+        if targets_parameters_of(config, parameter_owner(path)):  # one pair per expert, stacked
             if a.shape[0] % rank:
                 raise AdapterError(f"{source}: module {path!r} (target_parameters) has lora_A {list(a.shape)}, "
                                    f"whose rows are not a multiple of rank {rank} (one block of rows per expert)")

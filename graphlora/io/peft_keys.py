@@ -93,15 +93,19 @@ def parse_magnitude_key(key: str) -> tuple[str, str | None] | None:
 BASE_LAYER_SUFFIX = ".base_layer.weight"
 
 
-def parameter_owner(peft_path: str) -> tuple[str, int]:
-    """``(owner module, depth)`` of a ``target_parameters`` key path: PEFT wraps each targeted
-    parameter of a module in one more ``ParamWrapper``, the module's first targeted parameter
-    (in definition order) innermost, so ``experts.base_layer`` is the first of two, ``experts``
-    the second."""
-    depth = 0
+def parameter_owner(peft_path: str) -> str:
+    """The module a ``target_parameters`` key path belongs to: the path without the
+    ``.base_layer`` s of PEFT's nested wrappers (:func:`wrapper_paths`)."""
     while peft_path.endswith(".base_layer"):
-        peft_path, depth = peft_path[: -len(".base_layer")], depth + 1
-    return peft_path, depth
+        peft_path = peft_path[: -len(".base_layer")]
+    return peft_path
+
+
+def wrapper_paths(owner: str, targeted: list[str]) -> dict[str, str]:
+    """PEFT's key path for each targeted parameter of module ``owner`` (``targeted`` in the
+    module's definition order): one ``ParamWrapper`` per parameter, the first innermost, so the
+    first of two is ``<owner>.base_layer`` and the second ``<owner>``."""
+    return {name: owner + ".base_layer" * (len(targeted) - 1 - i) for i, name in enumerate(targeted)}
 
 
 def targets_parameters_of(config: Mapping[str, Any], owner: str) -> bool:

@@ -89,11 +89,10 @@ class MergeLoraPass(FoldLoraPass):
         out: Deltas = {}
         for weight_name, group in groups_by_weight(tagged_sites(gm)).items():
             for path in dict.fromkeys(s.module_path for s in group):
+                # each path's own sites: a tied embedding stores its table (in, out), the lm_head
+                # reading the same tensor sees it (out, in)
                 sites = [s for s in group if s.module_path == path]
-                # per path: a tied embedding stores its table (in, out), the lm_head reading the
-                # same tensor sees it (out, in)
-                layout = sites[0].spec.param_layout
-                found = [self._delta(gm, adapter, path, specs[path], layout, sites)
+                found = [self._delta(gm, adapter, path, specs[path], sites)
                          for adapter, specs in self.adapters.items() if path in specs]
                 if len(found) > 1 and any(specs[path].use_dora for specs in self.adapters.values()
                                           if path in specs):
@@ -106,16 +105,14 @@ class MergeLoraPass(FoldLoraPass):
         return out
 
     @staticmethod
-    def _delta(gm: fx.GraphModule, adapter: str, path: str, spec: LoraSpec, layout: str,
-               sites: list[LinearSite]) -> torch.Tensor:
+    def _delta(gm: fx.GraphModule, adapter: str, path: str, spec: LoraSpec, sites: list[LinearSite]) -> torch.Tensor:
         """One adapter's stored pair (and DoRA magnitude) as the change of the weight at ``path``."""
         a = get_tensor(gm, lora_param_name(adapter, path, "lora_A"))
         b = get_tensor(gm, lora_param_name(adapter, path, "lora_B"))
         if not spec.use_dora:
-            site = sites[0].spec
-            return lora_delta(a, b, spec.scale, layout, site.conv, site.num_experts, site.einsum, spec.share_experts)
+            return lora_delta(a, b, spec.scale, sites[0].spec, spec.share_experts)
         magnitude = get_tensor(gm, lora_param_name(adapter, path, MAGNITUDE))
-        return dora_delta(sites[0].param_value().detach(), a, b, spec.scale, magnitude, layout)
+        return dora_delta(sites[0].param_value().detach(), a, b, spec.scale, magnitude, sites[0].spec.param_layout)
 
     def install(self, gm: fx.GraphModule, sites: list[LinearSite], weight: torch.Tensor,
                 name: str | None) -> None:
