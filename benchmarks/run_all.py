@@ -63,6 +63,7 @@ def benchmarks() -> dict:
     import bench_qlora_speed
     import bench_qw_lora
     import bench_trace_8b
+    import bench_transform_memory
 
     return {
         "lora_train": bench_lora_train.run,
@@ -86,6 +87,7 @@ def benchmarks() -> dict:
         # AIMET's rows run aimet_minilm.py in GRAPHLORA_AIMET_PYTHON's venv when that is set
         "full_integer": bench_full_integer.run,
         "loftq": bench_loftq.run,
+        "transform_memory": bench_transform_memory.run,
     }
 
 
