@@ -9,10 +9,9 @@ A Llama with ~100M parameters (hidden 768, 12 layers, intermediate 2048, 12 head
   before it) minus the RSS of the loaded model, and ``peak_over_ratio`` that over ``param_mib``.
 
 Rules: NF4 (or int4), block 64, on every linear layer of the blocks, LoRA rank 16 on
-``q_proj``/``v_proj``. ``--in-place yes`` passes ``in_place=True`` to transform (an option not
-implemented yet: issue 16's in-place release); the default measures today's transform.
+``q_proj``/``v_proj``. Issue 16's goal: the peak at most 10% of the float model over it.
 
-Usage: ``python benchmarks/bench_transform_memory.py [--qtype nf4 int4] [--in-place both]``.
+Usage: ``python benchmarks/bench_transform_memory.py [--qtype nf4 int4]``.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ def _rules(qtype: str) -> list:
             QuantRule(r".*\.(k|o|gate|up|down)_proj", weight_qtype=qtype, group_size=64)]
 
 
-def child(qtype: str, in_place: bool, shape: dict) -> dict:
+def child(qtype: str, shape: dict) -> dict:
     """One measurement in this (fresh) process."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -58,11 +57,10 @@ def child(qtype: str, in_place: bool, shape: dict) -> dict:
     loaded_kb = _status_kb("VmRSS")
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     example = {"input_ids": torch.zeros(1, 16, dtype=torch.long)}
-    kwargs = {"in_place": True} if in_place else {}
     _reset_peak()
     start_kb = _status_kb("VmRSS")
     start = time.perf_counter()
-    lm = graphlora.transform(model, _rules(qtype), example_kwargs=example, progress=False, **kwargs)
+    lm = graphlora.transform(model, _rules(qtype), example_kwargs=example, progress=False)
     seconds = time.perf_counter() - start
     peak_kb = _status_kb("VmHWM")
     del model
@@ -71,7 +69,7 @@ def child(qtype: str, in_place: bool, shape: dict) -> dict:
     with torch.no_grad():
         logits = lm(input_ids=torch.arange(1, 9).unsqueeze(0)).logits
     return {
-        "qtype": qtype, "in_place": in_place, "params_m": param_bytes / 4 / 1e6,
+        "qtype": qtype, "params_m": param_bytes / 4 / 1e6,
         "param_mib": param_bytes / MIB, "model_mib": (loaded_kb - before_kb) / 1024,
         "loaded_mib": loaded_kb / 1024, "start_mib": start_kb / 1024, "peak_mib": peak_kb / 1024,
         "peak_over_mib": (peak_kb - loaded_kb) / 1024, "peak_over_ratio": (peak_kb - loaded_kb) * 1024 / param_bytes,
@@ -79,33 +77,30 @@ def child(qtype: str, in_place: bool, shape: dict) -> dict:
     }
 
 
-def measure(qtype: str, in_place: bool, shape: dict | None = None) -> dict:
+def measure(qtype: str, shape: dict | None = None) -> dict:
     """:func:`child` in a fresh subprocess (so no other allocation is in the peak)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", qtype, "--shape", json.dumps(shape or SHAPE)]
-    if in_place:
-        cmd.append("--in-place-child")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{qtype} in_place={in_place} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{qtype} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(qtypes: tuple[str, ...] = ("nf4", "int4"), in_place: tuple[bool, ...] = (False,)) -> dict:
+def run(qtypes: tuple[str, ...] = ("nf4", "int4")) -> dict:
     rows = []
     for qtype in qtypes:
-        for ip in in_place:
-            row = measure(qtype, ip)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        row = measure(qtype)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return {"shape": SHAPE, "rows": rows, "load": os.getloadavg()[0]}
 
 
 def table(r: dict) -> str:
-    lines = ["| qtype | in_place | float params MiB | loaded model RSS MiB | transform peak over it MiB | ratio to params | RSS after (model dropped) MiB | transform s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| qtype | float params MiB | loaded model RSS MiB | transform peak over it MiB | ratio to params | RSS after (model dropped) MiB | transform s |",
+             "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        lines.append(f"| {row['qtype']} | {row['in_place']} | {row['param_mib']:.0f} | {row['model_mib']:.0f} | "
+        lines.append(f"| {row['qtype']} | {row['param_mib']:.0f} | {row['model_mib']:.0f} | "
                      f"{row['peak_over_mib']:.0f} | {row['peak_over_ratio']:.3f} | {row['after_mib']:.0f} | {row['transform_s']:.1f} |")
     return "\n".join(lines)
 
@@ -113,16 +108,13 @@ def table(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--qtype", nargs="*", default=["nf4", "int4"])
-    parser.add_argument("--in-place", choices=["both", "yes", "no"], default="no")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
-    parser.add_argument("--in-place-child", dest="ipc", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.ipc, json.loads(args.shape))))
+        print(json.dumps(child(args.child, json.loads(args.shape))))
         return
-    ip = {"both": (True, False), "yes": (True,), "no": (False,)}[args.in_place]
-    result = run(tuple(args.qtype), ip)
+    result = run(tuple(args.qtype))
     print(table(result))
     print(json.dumps(result, indent=2))
 

@@ -271,6 +271,15 @@ def render(m: dict, results: dict) -> str:
                       ([f"{row['qtype']} g{row['group']}", row["init"], _f(row["cosine_start"], 4),
                         f"**{_f(row['cosine_trained'], 4)}**", _f(row["transform_s"], 1), _f(row["train_s"], 1)]
                        for row in r["rows"]))
+    r = results.get("transform_memory")
+    if r and "error" not in r:
+        import bench_transform_memory
+
+        out += ["## Transform peak over the loaded float model (issue 16)", "",
+                "`benchmarks/bench_transform_memory.py`: a Llama from a `LlamaConfig` "
+                f"({r['shape']['hidden_size']} hidden, {r['shape']['num_hidden_layers']} layers), each qtype "
+                "in a fresh subprocess; goal: peak <= loaded model + 10% of its parameter bytes.", "",
+                bench_transform_memory.table(r), ""]
     r = results.get("gptq_depth")
     if r and "error" not in r:
         out += render_gptq_depth(r)
