@@ -63,6 +63,7 @@ def benchmarks() -> dict:
     import bench_qlora_speed
     import bench_qw_lora
     import bench_trace_8b
+    import bench_transform_memory
 
     return {
         "lora_train": bench_lora_train.run,
@@ -86,6 +87,7 @@ def benchmarks() -> dict:
         # AIMET's rows run aimet_minilm.py in GRAPHLORA_AIMET_PYTHON's venv when that is set
         "full_integer": bench_full_integer.run,
         "loftq": bench_loftq.run,
+        "transform_memory": bench_transform_memory.run,
     }
 
 
@@ -269,6 +271,15 @@ def render(m: dict, results: dict) -> str:
                       ([f"{row['qtype']} g{row['group']}", row["init"], _f(row["cosine_start"], 4),
                         f"**{_f(row['cosine_trained'], 4)}**", _f(row["transform_s"], 1), _f(row["train_s"], 1)]
                        for row in r["rows"]))
+    r = results.get("transform_memory")
+    if r and "error" not in r:
+        import bench_transform_memory
+
+        out += ["## Transform peak over the loaded float model (issue 16)", "",
+                "`benchmarks/bench_transform_memory.py`: a Llama from a `LlamaConfig` "
+                f"({r['shape']['hidden_size']} hidden, {r['shape']['num_hidden_layers']} layers), each qtype "
+                "in a fresh subprocess; goal: peak <= loaded model + 10% of its parameter bytes.", "",
+                bench_transform_memory.table(r), ""]
     r = results.get("gptq_depth")
     if r and "error" not in r:
         out += render_gptq_depth(r)
