@@ -171,3 +171,26 @@ def randomize_lora(lm, std: float = 0.05, seed: int = 0):
 def rel_err(got, ref) -> float:
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+def _int8_products_saturate() -> bool:
+    """True on an x86 CPU without VNNI (AVX2 only, e.g. some AMD EPYC): onnxruntime's u8 x s8
+    GEMM there sums pairs of products with ``vpmaddubsw``, which saturates at int16, so its int8
+    kernels differ from exact integer arithmetic by up to a few 1e-3 of the output's scale
+    (onnxruntime's quantization docs name this AVX2 saturation). CPUs with VNNI (or ARM) are exact."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
+    except OSError:
+        return False
+    return not any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+#: onnxruntime's int8 kernels saturate on this CPU (see _int8_products_saturate)
+INT8_SATURATES = _int8_products_saturate()
+#: the int8 bound against PyTorch: exact-arithmetic CPUs 1e-4; saturating ones 5e-3 (measured there:
+#: 2.2e-3 on a tiny BERT, 2026-12-02)
+INT8_BOUND = 5e-3 if INT8_SATURATES else 1e-4
