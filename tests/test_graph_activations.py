@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 import torch
 import transformers
+from test_onnx_fixtures import INT8_SATURATES
 
 import graphlora
-from test_onnx_fixtures import INT8_SATURATES
 from graphlora import ActivationRule
 from graphlora.errors import RuleError
 from graphlora.op_kinds import graph_ops

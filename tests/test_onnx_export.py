@@ -35,7 +35,8 @@ from graphlora.onnx.prepare import prepare
 
 # Per-qtype parity bounds (max |ort - torch| / max |torch|) at accuracy_level 0. Both sides
 # dequantize the same codes; what remains is float summation order (and, for MatMulNBits /
-# MatMulIntegerToFloat, integer-domain accumulation), measured ~1e-7..3e-7 on these models.
+# MatMulIntegerToFloat, integer-domain accumulation), measured ~1e-7..3e-7 on these models;
+# int8 is looser on CPUs whose onnxruntime int8 kernels saturate (test_onnx_fixtures.INT8_BOUND).
 BOUNDS = {"float": 1e-4, "int4": 1e-4, "uint4": 1e-4, "int8": INT8_BOUND, "nf4": 1e-4, "fp8": 1e-4}
 
 

@@ -179,11 +179,12 @@ def _int8_products_saturate() -> bool:
     kernels differ from exact integer arithmetic by up to a few 1e-3 of the output's scale
     (onnxruntime's quantization docs name this AVX2 saturation). CPUs with VNNI (or ARM) are exact."""
     import platform
+    from pathlib import Path
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
-        flags = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
     except OSError:
         return False
     return not any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
